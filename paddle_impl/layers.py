@@ -1,0 +1,106 @@
+"""Framework vocabulary of the Paddle twin.
+
+Same names and signatures as `torch_ref/layers.py`, so the model files of the two trees read alike line by line.
+Two things here are NOT thin aliases, and every Paddle twin gets them from this one place:
+
+* `BatchNorm2d` reproduces torch's TRAINING semantics, which Paddle's own `nn.BatchNorm2D` does not:
+  - momentum is given in torch's convention (weight of the new batch statistic; Paddle's is 1 - that), and
+  - the running variance is updated with the UNBIASED batch variance (Paddle updates it with the biased one, which
+    after 3 training steps moves eval outputs by ~1e-2).
+  Parameters/buffers are named `weight`, `bias`, `_mean`, `_variance` (Paddle's names), so a converted torch
+  checkpoint loads with the converter's documented BN renames only.
+* `Conv2d` maps torch's `bias=False` to Paddle's `bias_attr=False`.
+"""
+from __future__ import annotations
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+Module = nn.Layer
+Sequential = nn.Sequential
+ModuleList = nn.LayerList
+ReLU = nn.ReLU
+Dropout2d = nn.Dropout2D
+MaxPool2d = nn.MaxPool2D
+AdaptiveAvgPool2d = nn.AdaptiveAvgPool2D
+
+
+def Conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+           dilation: int = 1, bias: bool = True) -> nn.Conv2D:
+    """2-D convolution, weight (out, in, k, k) in both frameworks (no transpose when converting)."""
+    return nn.Conv2D(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                     bias_attr=None if bias else False)
+
+
+class BatchNorm2d(nn.Layer):
+    """BatchNorm2d with PyTorch's training semantics (see the module docstring).
+
+    `momentum` uses torch's convention (default 0.1). Forward output in training mode comes from Paddle's fused
+    kernel using batch statistics (running buffers are passed as copies so the kernel cannot update them); the
+    running statistics are then updated here explicitly:
+        running_mean <- (1 - momentum) * running_mean + momentum * batch_mean
+        running_var  <- (1 - momentum) * running_var  + momentum * batch_var_unbiased   (n / (n - 1) correction)
+    """
+
+    def __init__(self, num_features: int, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"BatchNorm2d momentum must be in [0, 1] (torch convention), got {momentum}")
+        self.num_features = num_features
+        self.momentum = momentum
+        self.eps = eps
+        self.weight = self.create_parameter([num_features], default_initializer=nn.initializer.Constant(1.0))
+        self.bias = self.create_parameter([num_features], is_bias=True,
+                                          default_initializer=nn.initializer.Constant(0.0))
+        self.register_buffer("_mean", paddle.zeros([num_features], dtype="float32"))
+        self.register_buffer("_variance", paddle.ones([num_features], dtype="float32"))
+
+    def forward(self, x):
+        """x: (N, C, H, W) -> (N, C, H, W)."""
+        if not self.training:
+            return F.batch_norm(x, self._mean, self._variance, self.weight, self.bias, training=False,
+                                epsilon=self.eps)
+        # Copies: Paddle's kernel updates the running tensors in place, with the biased variance.
+        out = F.batch_norm(x, self._mean.detach().clone(), self._variance.detach().clone(), self.weight, self.bias,
+                           training=True, momentum=1.0 - self.momentum, epsilon=self.eps)
+        with paddle.no_grad():
+            n = x.shape[0] * x.shape[2] * x.shape[3]
+            if n < 2:
+                raise ValueError(f"BatchNorm2d in training mode needs more than 1 value per channel, got input "
+                                 f"shape {list(x.shape)}")
+            batch_mean = paddle.mean(x, axis=[0, 2, 3])
+            batch_var = paddle.var(x, axis=[0, 2, 3], unbiased=True)
+            self._mean.set_value((1.0 - self.momentum) * self._mean + self.momentum * batch_mean)
+            self._variance.set_value((1.0 - self.momentum) * self._variance + self.momentum * batch_var)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, momentum={self.momentum} (torch convention), eps={self.eps}"
+
+
+def interpolate(x, size, align_corners: bool):
+    """Bilinear resize of an NCHW tensor to `size` = (h, w). align_mode 0 = half-pixel, torch's False."""
+    return F.interpolate(x, size=[int(s) for s in size], mode="bilinear", align_corners=align_corners,
+                         align_mode=0)
+
+
+def cat(tensors, dim: int):
+    return paddle.concat(list(tensors), axis=dim)
+
+
+def spatial_size(x) -> tuple[int, int]:
+    """(H, W) of an NCHW tensor as python ints."""
+    return int(x.shape[2]), int(x.shape[3])
+
+
+def init_kaiming_(module: nn.Layer) -> None:
+    """semseg's ResNet init: conv weights kaiming-normal (fan_out, relu), BN weight 1 and bias 0."""
+    for m in module.sublayers(include_self=True):
+        if isinstance(m, nn.Conv2D):
+            fan_out = m.weight.shape[0] * m.weight.shape[2] * m.weight.shape[3]
+            std = (2.0 / fan_out) ** 0.5
+            m.weight.set_value(paddle.normal(0.0, std, m.weight.shape).astype(m.weight.dtype))
+        elif isinstance(m, BatchNorm2d):
+            m.weight.set_value(paddle.ones_like(m.weight))
+            m.bias.set_value(paddle.zeros_like(m.bias))

@@ -1,0 +1,40 @@
+"""Losses of the Paddle twins (twin: torch_ref/losses.py).
+
+Cross-entropy over the CLASS axis (dim 1 of NCHW logits), pixels equal to `ignore_index` excluded, mean over the
+non-ignored pixels (torch's default, used by semseg). Each model's total loss is a weighted sum of terms; the terms
+are returned separately so the alignment can compare every one of them.
+"""
+from __future__ import annotations
+
+
+import paddle.nn.functional as F
+
+# model name -> weights of its output terms, in the order the model returns them in training mode.
+LOSS_TERMS = {
+    "pspnet": (("main", 1.0), ("aux", 0.4)),   # semseg: main_loss + aux_weight * aux_loss, aux_weight 0.4
+}
+
+
+def cross_entropy(logits, target, ignore_index: int = 255):
+    """logits (N, C, H, W) float, target (N, H, W) int64 -> scalar mean over pixels != ignore_index."""
+    # axis=1: Paddle reduces over the LAST axis by default, which for NCHW logits is the image width.
+    return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="mean", axis=1)
+
+
+def compute_loss(name: str, outputs, target, ignore_index: int = 255) -> dict:
+    """outputs: the model's training-mode return (a tensor or a tuple of tensors) -> {'loss', <term>...}."""
+    if name not in LOSS_TERMS:
+        raise KeyError(f"no loss defined for model {name!r}; known: {sorted(LOSS_TERMS)}")
+    if not isinstance(outputs, (tuple, list)):
+        outputs = (outputs,)
+    terms = LOSS_TERMS[name]
+    if len(outputs) != len(terms):
+        raise ValueError(f"{name}: the model returned {len(outputs)} outputs, its loss expects {len(terms)} "
+                         f"({', '.join(t for t, _ in terms)})")
+    result = {}
+    total = 0.0
+    for (term, weight), out in zip(terms, outputs):
+        result[term] = cross_entropy(out, target, ignore_index)
+        total = total + weight * result[term]
+    result["loss"] = total
+    return result

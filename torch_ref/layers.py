@@ -1,0 +1,55 @@
+"""Framework vocabulary of the torch reference.
+
+`torch_ref/layers.py` and `paddle_impl/layers.py` export the SAME names with the same signatures, so the model files
+of the two trees read alike line by line (the twin rule). On this side every name is PyTorch's own module or function;
+nothing here changes numerics.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Module = nn.Module
+Sequential = nn.Sequential
+ModuleList = nn.ModuleList
+ReLU = nn.ReLU
+Dropout2d = nn.Dropout2d
+MaxPool2d = nn.MaxPool2d
+AdaptiveAvgPool2d = nn.AdaptiveAvgPool2d
+
+
+def Conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+           dilation: int = 1, bias: bool = True) -> nn.Conv2d:
+    """2-D convolution, weight (out, in, k, k) in both frameworks (no transpose when converting)."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                     bias=bias)
+
+
+def BatchNorm2d(num_features: int, momentum: float = 0.1, eps: float = 1e-5) -> nn.BatchNorm2d:
+    """BatchNorm in torch's convention: `momentum` is the weight of the NEW batch statistic."""
+    return nn.BatchNorm2d(num_features, eps=eps, momentum=momentum)
+
+
+def interpolate(x: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
+    """Bilinear resize of an NCHW tensor to `size` = (h, w)."""
+    return F.interpolate(x, size=tuple(int(s) for s in size), mode="bilinear", align_corners=align_corners)
+
+
+def cat(tensors, dim: int) -> torch.Tensor:
+    return torch.cat(list(tensors), dim)
+
+
+def spatial_size(x) -> tuple[int, int]:
+    """(H, W) of an NCHW tensor as python ints."""
+    return int(x.shape[2]), int(x.shape[3])
+
+
+def init_kaiming_(module: nn.Module) -> None:
+    """semseg's ResNet init: conv weights kaiming-normal (fan_out, relu), BN weight 1 and bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1.0)
+            nn.init.constant_(m.bias, 0.0)
