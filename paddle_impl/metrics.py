@@ -31,9 +31,18 @@ def _safe_div(a, b):
     return paddle.where(b > 0, a / paddle.where(b > 0, b, paddle.ones_like(b)), paddle.zeros_like(a))
 
 
+def _ordered_sum(v):
+    """Left-to-right sum of a 1-D float64 tensor: the same IEEE operations in both frameworks, so the result is
+    bit-identical (a library reduction may sum in any order and differ in the last bit)."""
+    total = v[0]
+    for i in range(1, int(v.shape[0])):
+        total = total + v[i]
+    return total
+
+
 def _masked_mean(v, mask):
-    n = mask.astype(paddle.float64).sum()
-    return _safe_div((v * mask.astype(paddle.float64)).sum(), n)
+    m = mask.astype(paddle.float64)
+    return _safe_div(_ordered_sum(v * m), _ordered_sum(m))
 
 
 def metrics_from_confusion(cm) -> dict:
@@ -50,8 +59,8 @@ def metrics_from_confusion(cm) -> dict:
     recall = _safe_div(tp, gt)
     dice = _safe_div(2 * tp, 2 * tp + fp + fn)
     present = (tp + fp + fn) > 0
-    p_o = _safe_div(tp.sum(), total)
-    p_e = _safe_div((gt * pr).sum(), total * total)
+    p_o = _safe_div(_ordered_sum(tp), total)
+    p_e = _ordered_sum(_safe_div(gt, total) * _safe_div(pr, total))
     kappa = _safe_div(p_o - p_e, 1 - p_e)
     return {
         "confusion_matrix": cm.astype(paddle.int64),

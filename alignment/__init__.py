@@ -1,0 +1,17 @@
+"""alignment: prove, step by step, that a Paddle twin computes what its torch reference computes.
+
+    import alignment
+    verdict = alignment.run("pspnet", out="segtwin_out")        # forward, loss, backward, metric + trace
+    r = alignment.compare(paddle_array, torch_array, key="logits")  # the comparison core
+    assert verdict["passed"], verdict["steps"]
+
+Importing this package does not import torch or paddle; `run` does.
+"""
+from .compare import AlignmentError, CompareResult, assert_aligned, compare  # noqa: F401
+from .policy import Policy, PolicyError, Tolerance  # noqa: F401
+
+
+def run(name, **kwargs):
+    """Align model `name`; see `alignment.runner.run` for the arguments. Returns the verdict dict."""
+    from .runner import run as _run
+    return _run(name, **kwargs)

@@ -1,0 +1,84 @@
+"""`segtwin align` / `python -m alignment`: align Paddle twins against their torch references.
+
+Exit codes: 0 every step of every model passed; 1 a step failed (the verdict and report say which, and the first
+divergent module is printed on stderr); 2 bad arguments or inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="segtwin align", description=__doc__,
+                                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", help="model name (e.g. pspnet); omit with --all")
+    p.add_argument("--all", action="store_true", help="align every registered model")
+    p.add_argument("--weights", help="official upstream checkpoint (.pth/.pth.tar); default: random weights saved "
+                                     "in the official format")
+    p.add_argument("--data", help="Cityscapes or VOC root: take the batch from its val images instead of "
+                                  "a synthetic one")
+    p.add_argument("--out", default="segtwin_out", help="artifact directory (default: %(default)s)")
+    p.add_argument("--input-size", default="2,3,65,65", help="N,C,H,W of the batch (default: %(default)s)")
+    p.add_argument("--iters", type=int, default=3, help="training iterations of the backward step (default: 3)")
+    p.add_argument("--steps", default="forward,loss,backward,metric",
+                   help="comma-separated subset of forward,loss,backward,metric")
+    p.add_argument("--num-classes", type=int, help="class count (default: from the checkpoint, the dataset, or 19)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="CPU threads for BOTH frameworks (default: $OMP_NUM_THREADS or 4)")
+    p.add_argument("--no-trace", action="store_true", help="skip the per-layer trace (no layer plot)")
+    p.add_argument("--full-artifacts", action="store_true", help="store every element of large tensors in the "
+                                                                 ".npy/.npz files (default: strided sample)")
+    p.add_argument("--json", action="store_true", help="print the verdict(s) as JSON on stdout")
+    p.set_defaults(func=main_from_args)
+    return p
+
+
+def main_from_args(args) -> int:
+    from .logutil import get_logger
+    from .runner import AlignmentSetupError, run
+
+    log = get_logger("segtwin.align")
+    import torch_ref
+
+    if args.all == bool(args.model):
+        log.error("give a model name or --all (registered: %s)", ", ".join(sorted(torch_ref.MODELS)))
+        return 2
+    if args.all and args.weights:
+        log.error("--weights belongs to one model; use it without --all")
+        return 2
+    models = sorted(torch_ref.MODELS) if args.all else [args.model]
+    verdicts = []
+    for name in models:
+        try:
+            v = run(name, weights=args.weights, out=args.out, data=args.data, input_size=args.input_size,
+                    iters=args.iters, steps=[s.strip() for s in args.steps.split(",") if s.strip()],
+                    seed=args.seed, num_classes=args.num_classes, threads=args.threads, trace=not args.no_trace,
+                    full_artifacts=args.full_artifacts)
+        except (AlignmentSetupError, FileNotFoundError, KeyError) as e:
+            log.error("%s: %s", name, e.args[0] if e.args else e)
+            return 2
+        except Exception as e:  # converter / reader errors carry their own one-line messages
+            from weights_convert import CheckpointError, ConversionError
+            if isinstance(e, (CheckpointError, ConversionError)):
+                log.error("%s: %s", name, e)
+                return 2
+            raise
+        verdicts.append(v)
+        steps = ", ".join(f"{s} {'ok' if r['passed'] else 'FAIL'}" for s, r in v["steps"].items())
+        print(f"{name}: {'PASS' if v['passed'] else 'FAIL'} ({steps}) in {v['seconds']} s -> {v['out_dir']}/"
+              f"report.md", file=sys.stderr)
+    if args.json:
+        print(json.dumps(verdicts if args.all else verdicts[0], indent=2, default=str))
+    return 0 if all(v["passed"] for v in verdicts) else 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Shared state of one alignment run: both models, the shared batch, the policy, and the key/name mapping.
+
+Keys are always TORCH names (`layer0.1.running_mean`); the Paddle side is read through `paddle_key()`, the same
+rename the converter applies, so both sides' artifacts carry identical key sets.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from .compare import CompareResult
+from .policy import Policy
+
+# Recipe of the backward step (semseg): SGD momentum 0.9, weight decay 1e-4, poly(0.9) per iteration, head lr x10.
+BASE_LR = 0.01
+MOMENTUM = 0.9
+WEIGHT_DECAY = 1e-4
+POLY_POWER = 0.9
+HEAD_LR_MULT = 10.0
+
+
+def poly_lr(base_lr: float, it: int, max_iter: int, power: float = POLY_POWER) -> float:
+    """semseg's poly schedule: base * (1 - it/max_iter) ** power, it = 0 .. max_iter-1."""
+    return base_lr * (1.0 - float(it) / float(max_iter)) ** power
+
+
+def paddle_key(torch_key: str) -> Optional[str]:
+    """Torch state_dict key -> Paddle twin key (BN buffer renames); None for keys Paddle has no counterpart of."""
+    if torch_key.endswith("num_batches_tracked"):
+        return None
+    if torch_key.endswith("running_mean"):
+        return torch_key[: -len("running_mean")] + "_mean"
+    if torch_key.endswith("running_var"):
+        return torch_key[: -len("running_var")] + "_variance"
+    return torch_key
+
+
+def module_path_of(key: str) -> str:
+    """'iter1/grad/layer2.0.conv1.weight' -> 'layer2.0.conv1'; 'loss/main' -> 'loss.main'."""
+    tail = key.split("/")[-1]
+    if "/" in key and key.split("/")[-2] in ("grad", "param", "buffer"):
+        return tail.rsplit(".", 1)[0]
+    return key.replace("/", ".")
+
+
+def seed_everything(seed: int) -> None:
+    import paddle
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    paddle.seed(seed)
+
+
+def set_threads(threads: Optional[int]) -> int:
+    """Same CPU thread count on both sides (Paddle defaults to 1 thread, torch to all cores)."""
+    import paddle
+    import torch
+
+    n = int(threads or os.environ.get("OMP_NUM_THREADS") or min(4, os.cpu_count() or 1))
+    torch.set_num_threads(n)
+    paddle.base.core.set_num_threads(n)
+    return n
+
+
+def determinism_flags() -> Dict[str, Any]:
+    """Switch off non-determinism and TF32 on both sides; returns what was set (recorded in verdict.json)."""
+    import paddle
+    import torch
+
+    os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    flags = {"FLAGS_cudnn_deterministic": True}
+    try:
+        paddle.set_flags(flags)
+    except Exception:  # pragma: no cover - flag absent in a build
+        flags = {}
+    return {
+        "NVIDIA_TF32_OVERRIDE": os.environ.get("NVIDIA_TF32_OVERRIDE"),
+        "torch.backends.cudnn.deterministic": True,
+        "torch.backends.cuda.matmul.allow_tf32": False,
+        "torch.backends.cudnn.allow_tf32": False,
+        **{k: v for k, v in flags.items()},
+    }
+
+
+def disable_dropout(model) -> int:
+    """Set p=0 on every dropout layer (torch or Paddle); returns how many were changed."""
+    n = 0
+    for m in (model.modules() if hasattr(model, "modules") else model.sublayers()):
+        if type(m).__name__.lower().startswith("dropout") and hasattr(m, "p"):
+            m.p = 0.0
+            n += 1
+    return n
+
+
+def torch_state(model) -> Dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def paddle_state(model) -> Dict[str, np.ndarray]:
+    return {k: v.numpy().copy() for k, v in model.state_dict().items()}
+
+
+@dataclass
+class StepResult:
+    step: str
+    results: List[CompareResult] = field(default_factory=list)
+    torch_log: Dict[str, np.ndarray] = field(default_factory=dict)
+    paddle_log: Dict[str, np.ndarray] = field(default_factory=dict)
+    error: Optional[str] = None
+    notes: List[str] = field(default_factory=list)
+    series: Dict[str, Any] = field(default_factory=dict)
+    first_divergent: Optional[str] = None
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and bool(self.results) and all(r.passed for r in self.results)
+
+    @property
+    def failed_results(self) -> List[CompareResult]:
+        return [r for r in self.results if not r.passed]
+
+
+@dataclass
+class Context:
+    name: str
+    torch_model: Any
+    paddle_model: Any
+    images: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    policy: Policy
+    out_dir: Path
+    iters: int = 3
+    seed: int = 0
+    ignore_index: int = 255
+    head_prefixes: tuple = ()
+    torch_init: Dict[str, np.ndarray] = field(default_factory=dict)
+    paddle_init: Dict[str, np.ndarray] = field(default_factory=dict)
+    inputs_note: str = ""
+    train_dtype: str = "float64"
+    lockstep: bool = True
+    _models: Dict[str, Any] = field(default_factory=dict)
+
+    def snapshot(self) -> None:
+        """Remember both models' initial state; every step starts from it."""
+        self.torch_init = torch_state(self.torch_model)
+        self.paddle_init = paddle_state(self.paddle_model)
+        self._models = {"float32": (self.torch_model, self.paddle_model)}
+
+    def models(self, dtype: str = "float32"):
+        """(torch_model, paddle_model) in `dtype`, both reset to the initial state, gradients cleared.
+
+        float64 copies are made once from the same initial weights (the float32 values, widened exactly)."""
+        import copy
+
+        import paddle
+        import torch
+
+        if dtype not in self._models:
+            if dtype != "float64":
+                raise ValueError(f"unsupported compute dtype {dtype!r} (float32 or float64)")
+            tm = copy.deepcopy(self.torch_model).double()
+            pm = copy.deepcopy(self.paddle_model)
+            pm.to(dtype="float64")
+            self._models[dtype] = (tm, pm)
+        tm, pm = self._models[dtype]
+        tdt = getattr(torch, dtype)
+        tm.load_state_dict({k: torch.from_numpy(v.copy()).to(tdt) if v.dtype.kind == "f" else torch.from_numpy(v.copy())
+                            for k, v in self.torch_init.items()})
+        pm.set_state_dict({k: paddle.to_tensor(v.astype(dtype) if v.dtype.kind == "f" else v)
+                           for k, v in self.paddle_init.items()})
+        tm.zero_grad(set_to_none=True)
+        pm.clear_gradients()
+        return tm, pm
+
+    def reset(self) -> None:
+        self.models("float32")
+
+    def compare(self, step: str, key: str, actual, expected) -> CompareResult:
+        return self.policy.compare(actual, expected, model=self.name, step=step, key=key)
+
+    def torch_inputs(self, dtype: str = "float32"):
+        import torch
+
+        return torch.from_numpy(self.images.astype(dtype)), torch.from_numpy(self.labels.copy())
+
+    def paddle_inputs(self, dtype: str = "float32"):
+        import paddle
+
+        return paddle.to_tensor(self.images.astype(dtype)), paddle.to_tensor(self.labels.copy())

@@ -1,0 +1,286 @@
+"""`alignment.run(name, ...)`: the whole alignment of one model, returning the verdict dict (also verdict.json)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .context import Context, StepResult, determinism_flags, seed_everything, set_threads
+from .logutil import get_logger, root_logger_guard
+from .policy import Policy
+
+DEFAULT_INPUT_SIZE = (2, 3, 65, 65)
+DEFAULT_NUM_CLASSES = 19
+log = get_logger("segtwin.align")
+
+
+class AlignmentSetupError(ValueError):
+    """Bad arguments or inputs (exit code 2), as opposed to a failed alignment (exit code 1)."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
+                              capture_output=True, timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def parse_input_size(text) -> tuple:
+    if isinstance(text, (tuple, list)):
+        vals = tuple(int(v) for v in text)
+    else:
+        try:
+            vals = tuple(int(v) for v in str(text).replace("x", ",").split(","))
+        except ValueError:
+            raise AlignmentSetupError(f"--input-size must be N,C,H,W integers, got {text!r}") from None
+    if len(vals) != 4 or min(vals) <= 0:
+        raise AlignmentSetupError(f"--input-size must be four positive integers N,C,H,W, got {text!r}")
+    if vals[1] != 3:
+        raise AlignmentSetupError(f"--input-size: the models take 3-channel RGB input, got C={vals[1]}")
+    if vals[0] < 2:
+        raise AlignmentSetupError("--input-size: N must be >= 2 (training-mode BatchNorm of the 1x1 pyramid "
+                                  f"branch needs more than one value per channel), got N={vals[0]}")
+    return vals
+
+
+def _calibrate_bn(model, x) -> None:
+    """Give random weights realistic BN running statistics: one train-mode pass with cumulative averaging."""
+    import torch
+
+    saved = {}
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            saved[m] = m.momentum
+            m.momentum = None
+            m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for m, mom in saved.items():
+        m.momentum = mom
+        m.num_batches_tracked.zero_()
+    model.eval()
+
+
+def _synthetic_batch(size, num_classes, seed):
+    rng = np.random.default_rng(seed)
+    n, c, h, w = size
+    images = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    labels = rng.integers(0, num_classes, size=(n, h, w)).astype(np.int64)
+    labels[rng.random((n, h, w)) < 0.05] = 255
+    return images, labels, f"synthetic N(0,1) batch, seed {seed}, 5% ignore pixels"
+
+
+def _data_batch(data: Path, size, name_hint: Optional[str] = None):
+    from paddle_impl.datasets import DATASETS
+    from paddle_impl.transforms import eval_batch
+
+    data = Path(data)
+    if not data.exists():
+        raise AlignmentSetupError(f"--data {data}: no such directory")
+    if (data / "leftImg8bit").is_dir():
+        kind, split = "cityscapes", "val"
+    elif (data / "VOCdevkit").is_dir() or (data / "JPEGImages").is_dir() or (data / "VOC2012").is_dir():
+        kind, split = "voc", "val"
+    else:
+        raise AlignmentSetupError(f"--data {data}: neither a Cityscapes root (leftImg8bit/, gtFine/) nor a VOC root "
+                                  "(VOCdevkit/VOC2012/ or JPEGImages/ + SegmentationClass/)")
+    ds = DATASETS[kind](str(data), split=split)
+    n, _, h, w = size
+    if len(ds) < n:
+        raise AlignmentSetupError(f"--data {data}: the {split} split has {len(ds)} images, the batch needs {n}")
+    mean = [0.485 * 255, 0.456 * 255, 0.406 * 255]
+    std = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+    images, labels = eval_batch(ds, n, (h, w), mean, std)
+    return images.astype(np.float32), labels.astype(np.int64), f"{kind} {split} images from {data}", ds.num_classes
+
+
+def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=None, seed: int = 0,
+            num_classes: Optional[int] = None, threads: Optional[int] = None, policy: Optional[Policy] = None,
+            iters: int = 3) -> tuple:
+    """Build both twins from the same official-format weights and the shared batch. Returns (ctx, provenance)."""
+    with root_logger_guard():
+        import paddle  # noqa: F401  (import under the guard: it attaches root-logger handlers)
+        import torch
+
+    import paddle_impl
+    import torch_ref
+    import weights_convert
+    from torch_ref.official import save_official
+
+    if name not in torch_ref.MODELS or name not in paddle_impl.MODELS:
+        raise AlignmentSetupError(f"unknown model {name!r}; registered: {', '.join(sorted(torch_ref.MODELS))}")
+    if iters < 1:
+        raise AlignmentSetupError(f"--iters must be >= 1, got {iters}")
+    size = parse_input_size(input_size or DEFAULT_INPUT_SIZE)
+    out_dir = Path(out) / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_threads = set_threads(threads)
+    flags = determinism_flags()
+    seed_everything(seed)
+    policy = policy or Policy.load()
+
+    if data is not None:
+        images, labels, inputs_note, data_classes = _data_batch(Path(data), size)
+    else:
+        images = labels = None
+        data_classes = None
+
+    wdir = out_dir / "weights"
+    if weights is None:
+        nc = num_classes or data_classes or DEFAULT_NUM_CLASSES
+        model = torch_ref.build_model(name, num_classes=nc)
+        calib, _, _ = _synthetic_batch(size, nc, seed + 1)
+        _calibrate_bn(model, torch.from_numpy(calib))
+        src = save_official(name, model, wdir / f"{name}_random_official.pth")
+        del model
+    else:
+        src = Path(weights)
+        if not src.is_file():
+            raise AlignmentSetupError(f"--weights {src}: no such file")
+    cfg = {"num_classes": num_classes} if num_classes else {}
+    torch_model = torch_ref.load_official(name, src, **cfg)
+    nc = torch_model.num_classes
+    dst = wdir / f"{name}.pdparams"
+    report = weights_convert.convert(name, src, dst, cfg=cfg or None, overwrite=True)
+    report.to_json(wdir / "convert_report.json")
+    paddle_model = paddle_impl.load_pdparams(name, dst, **cfg)
+
+    if images is None:
+        images, labels, inputs_note = _synthetic_batch(size, nc, seed)
+    elif labels[(labels != 255)].max(initial=0) >= nc:
+        raise AlignmentSetupError(f"--data labels go up to {int(labels[labels != 255].max())} but the model has "
+                                  f"{nc} classes")
+    module = sys.modules[type(torch_model).__module__]
+    head = getattr(type(torch_model), "head_prefixes", ())
+    ctx = Context(name=name, torch_model=torch_model, paddle_model=paddle_model, images=images, labels=labels,
+                  num_classes=nc, policy=policy, out_dir=out_dir, iters=iters, seed=seed, head_prefixes=head,
+                  inputs_note=inputs_note)
+    ctx.snapshot()
+    import paddle as _paddle
+    provenance = {
+        "model": name, "model_module": module.__name__,
+        "torch": torch.__version__, "paddle": _paddle.__version__, "numpy": np.__version__,
+        "python": sys.version.split()[0], "platform": platform.platform(), "device": "cpu",
+        "threads": n_threads, "flags": flags, "seed": seed, "input_shape": list(images.shape),
+        "inputs": inputs_note, "num_classes": nc, "iters": iters, "train_dtype": "float64",
+        "lockstep": True, "forward_dtype": "float32",
+        "weights": str(src), "weights_sha256": _sha256(Path(src)), "random_weights": weights is None,
+        "pdparams": str(dst), "git_commit": _git_commit(), "policy": policy.source if hasattr(policy, "source")
+        else "alignment/tolerances.yaml", "command": " ".join(sys.argv),
+    }
+    return ctx, provenance
+
+
+def _first_divergent(step: str, res: StepResult, fwd, bwd) -> Optional[str]:
+    from .context import module_path_of
+
+    if res.passed:
+        return None
+    first_bad = next((r.key for r in res.results if not r.passed), None)
+    if step == "forward":
+        return (fwd.first_divergent if fwd else None) or (module_path_of(first_bad) if first_bad else None)
+    if step == "loss":
+        if first_bad and first_bad.startswith("output/"):
+            return (fwd.first_divergent if fwd else None) or first_bad
+        return module_path_of(first_bad) if first_bad else None
+    if step == "backward":
+        if first_bad and "/grad/" in first_bad and bwd and bwd.first_divergent:
+            return bwd.first_divergent
+        if first_bad and "/loss/" in first_bad and fwd and fwd.first_divergent:
+            return fwd.first_divergent
+        return module_path_of(first_bad) if first_bad else None
+    return first_bad
+
+
+def run(name: str, weights=None, out="segtwin_out", data=None, input_size=None, iters: int = 3,
+        steps: Sequence[str] = ("forward", "loss", "backward", "metric"), seed: int = 0,
+        num_classes: Optional[int] = None, threads: Optional[int] = None, policy: Optional[Policy] = None,
+        trace: bool = True, full_artifacts: bool = False, progress: bool = True) -> dict:
+    """Align the Paddle twin of `name` against its torch reference. Returns the verdict dict; `verdict['passed']`
+    is True only when every requested step passed under the tolerance policy."""
+    from tqdm import tqdm
+
+    from . import report as rep
+    from .steps import ORDER, STEPS
+    from .trace import run_trace
+
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown or not steps:
+        raise AlignmentSetupError(f"--steps: unknown step(s) {unknown}; choose from {', '.join(ORDER)}")
+    steps = [s for s in ORDER if s in steps]
+    t0 = time.time()
+    ctx, provenance = prepare(name, weights=weights, out=out, data=data, input_size=input_size, seed=seed,
+                              num_classes=num_classes, threads=threads, policy=policy, iters=iters)
+    results = {}
+    bar = tqdm(steps, desc=f"align {name}", unit="step", disable=not progress, file=sys.stderr)
+    for step in bar:
+        bar.set_postfix_str(step)
+        ts = time.time()
+        try:
+            res = STEPS[step](ctx)
+        except Exception as e:  # a side that crashes is a failed step, reported with its error
+            res = StepResult(step, error=f"{type(e).__name__}: {e}")
+        res.seconds = time.time() - ts
+        results[step] = res
+    bar.close()
+    fwd = bwd = None
+    if trace:
+        try:
+            fwd, bwd = run_trace(ctx)
+        except Exception as e:
+            log.warning("trace failed: %s: %s", type(e).__name__, e)
+    for step, res in results.items():
+        res.first_divergent = _first_divergent(step, res, fwd, bwd)
+        rep.write_step(ctx.out_dir, res, full=full_artifacts)
+    images = []
+    if fwd is not None:
+        rep.write_trace_csv(ctx.out_dir, fwd)
+        rep.write_trace_csv(ctx.out_dir, bwd)
+    try:
+        images = rep.plot(ctx.out_dir, [t for t in (fwd, bwd) if t is not None],
+                          results["backward"].series if "backward" in results else None)
+    except Exception as e:  # plots are a convenience; never hide a verdict behind them
+        log.warning("plots not written: %s", e)
+    verdict = {
+        "model": name,
+        "passed": all(r.passed for r in results.values()),
+        "steps": {s: rep.step_summary(r) for s, r in results.items()},
+        "trace": {
+            "first_divergent_forward": fwd.first_divergent if fwd else None,
+            "first_divergent_backward": bwd.first_divergent if bwd else None,
+            "layers_forward": len(fwd.order) if fwd else 0,
+            "layers_backward": len(bwd.order) if bwd else 0,
+        },
+        "out_dir": str(ctx.out_dir),
+        "seconds": round(time.time() - t0, 2),
+        "provenance": provenance,
+    }
+    rep.write_verdict(ctx.out_dir, verdict)
+    rep.write_report(ctx.out_dir, verdict, results, images)
+    for step, res in results.items():
+        if not res.passed:
+            worst = verdict["steps"][step]["worst"] or {}
+            msg = res.error or f"{len(res.failed_results)} of {len(res.results)} keys failed, worst {worst.get('key')}"
+            log.error("%s: step %s FAILED: %s; first divergent module: %s", name, step, msg, res.first_divergent)
+    if fwd and fwd.first_divergent:
+        log.error("%s: forward trace: first divergent module: %s", name, fwd.first_divergent)
+    if bwd and bwd.first_divergent:
+        log.error("%s: backward trace: first divergent module: %s", name, bwd.first_divergent)
+    return verdict
