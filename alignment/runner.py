@@ -18,6 +18,7 @@ from .policy import Policy
 
 DEFAULT_INPUT_SIZE = (2, 3, 65, 65)
 DEFAULT_NUM_CLASSES = 19
+CALIBRATION_BATCH = 16
 log = get_logger("segtwin.align")
 
 
@@ -146,7 +147,10 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
     if weights is None:
         nc = num_classes or data_classes or DEFAULT_NUM_CLASSES
         model = torch_ref.build_model(name, num_classes=nc)
-        calib, _, _ = _synthetic_batch(size, nc, seed + 1)
+        # BN statistics from a larger batch than the aligned one: with N=2 the 1x1 pyramid branch would get a
+        # running variance from 2 values per channel, and eval-mode BN dividing by that near-zero std amplifies
+        # rounding ~1e8-fold (measured in the float64 trace at 2x3x33x33), which no trained checkpoint does.
+        calib, _, _ = _synthetic_batch((max(CALIBRATION_BATCH, size[0]),) + tuple(size[1:]), nc, seed + 1)
         _calibrate_bn(model, torch.from_numpy(calib))
         src = save_official(name, model, wdir / f"{name}_random_official.pth")
         del model
@@ -156,6 +160,12 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
             raise AlignmentSetupError(f"--weights {src}: no such file")
     cfg = {"num_classes": num_classes} if num_classes else {}
     torch_model = torch_ref.load_official(name, src, **cfg)
+    check = getattr(type(torch_model), "check_input", None)
+    if check is not None:
+        try:
+            check(size[2], size[3])
+        except ValueError as e:
+            raise AlignmentSetupError(f"--input-size {','.join(map(str, size))}: {e}") from None
     nc = torch_model.num_classes
     dst = wdir / f"{name}.pdparams"
     report = weights_convert.convert(name, src, dst, cfg=cfg or None, overwrite=True)

@@ -84,6 +84,11 @@ class PSPNet(L.Module):
     # Parameter groups of the semseg recipe: the head learns 10x faster than the backbone.
     head_prefixes = ("ppm.", "cls.", "aux.")
 
+    @staticmethod
+    def check_input(h: int, w: int) -> None:
+        """Raise ValueError when the official code would reject an input of size h x w."""
+        check_input_size("PSPNet", h, w)
+
     def forward(self, x):
         """x: (N, 3, H, W) normalised RGB with (H-1)%8 == (W-1)%8 == 0.
 
@@ -91,7 +96,7 @@ class PSPNet(L.Module):
         train: (logits, aux_logits), both (N, classes, H', W')
         """
         h_in, w_in = L.spatial_size(x)
-        check_input_size("PSPNet", h_in, w_in)
+        self.check_input(h_in, w_in)
         h = (h_in - 1) // 8 * self.zoom_factor + 1
         w = (w_in - 1) // 8 * self.zoom_factor + 1
         x = self.layer0(x)
