@@ -28,6 +28,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--num-classes", type=int, help="class count (default: from the checkpoint, the dataset, or 19)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads for BOTH frameworks (default: $OMP_NUM_THREADS or 4)")
+    p.add_argument("--free-run", action="store_true", help="backward step without lockstep: rounding differences "
+                                                           "compound over iterations (see README)")
     p.add_argument("--no-trace", action="store_true", help="skip the per-layer trace (no layer plot)")
     p.add_argument("--full-artifacts", action="store_true", help="store every element of large tensors in the "
                                                                  ".npy/.npz files (default: strided sample)")
@@ -55,7 +57,7 @@ def main_from_args(args) -> int:
         try:
             v = run(name, weights=args.weights, out=args.out, data=args.data, input_size=args.input_size,
                     iters=args.iters, steps=[s.strip() for s in args.steps.split(",") if s.strip()],
-                    seed=args.seed, num_classes=args.num_classes, threads=args.threads, trace=not args.no_trace,
+                    seed=args.seed, num_classes=args.num_classes, threads=args.threads, trace=not args.no_trace, lockstep=not args.free_run,
                     full_artifacts=args.full_artifacts)
         except (AlignmentSetupError, FileNotFoundError, KeyError) as e:
             log.error("%s: %s", name, e.args[0] if e.args else e)
@@ -76,6 +78,8 @@ def main_from_args(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import warnings
+    warnings.filterwarnings("ignore", message="No ccache found")
     args = build_parser().parse_args(argv)
     return args.func(args)
 

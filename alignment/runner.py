@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import platform
 import subprocess
 import sys
@@ -58,6 +57,16 @@ def parse_input_size(text) -> tuple:
         raise AlignmentSetupError("--input-size: N must be >= 2 (training-mode BatchNorm of the 1x1 pyramid "
                                   f"branch needs more than one value per channel), got N={vals[0]}")
     return vals
+
+
+def _check_size(model, size) -> None:
+    """The official code's input-size rule, checked before any work (exit code 2, not a failed step)."""
+    check = getattr(type(model), "check_input", None)
+    if check is not None:
+        try:
+            check(size[2], size[3])
+        except ValueError as e:
+            raise AlignmentSetupError(f"--input-size {','.join(map(str, size))}: {e}") from None
 
 
 def _calibrate_bn(model, x) -> None:
@@ -147,6 +156,7 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
     if weights is None:
         nc = num_classes or data_classes or DEFAULT_NUM_CLASSES
         model = torch_ref.build_model(name, num_classes=nc)
+        _check_size(model, size)
         # BN statistics from a larger batch than the aligned one: with N=2 the 1x1 pyramid branch would get a
         # running variance from 2 values per channel, and eval-mode BN dividing by that near-zero std amplifies
         # rounding ~1e8-fold (measured in the float64 trace at 2x3x33x33), which no trained checkpoint does.
@@ -160,12 +170,7 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
             raise AlignmentSetupError(f"--weights {src}: no such file")
     cfg = {"num_classes": num_classes} if num_classes else {}
     torch_model = torch_ref.load_official(name, src, **cfg)
-    check = getattr(type(torch_model), "check_input", None)
-    if check is not None:
-        try:
-            check(size[2], size[3])
-        except ValueError as e:
-            raise AlignmentSetupError(f"--input-size {','.join(map(str, size))}: {e}") from None
+    _check_size(torch_model, size)
     nc = torch_model.num_classes
     dst = wdir / f"{name}.pdparams"
     report = weights_convert.convert(name, src, dst, cfg=cfg or None, overwrite=True)
@@ -222,7 +227,7 @@ def _first_divergent(step: str, res: StepResult, fwd, bwd) -> Optional[str]:
 def run(name: str, weights=None, out="segtwin_out", data=None, input_size=None, iters: int = 3,
         steps: Sequence[str] = ("forward", "loss", "backward", "metric"), seed: int = 0,
         num_classes: Optional[int] = None, threads: Optional[int] = None, policy: Optional[Policy] = None,
-        trace: bool = True, full_artifacts: bool = False, progress: bool = True) -> dict:
+        trace: bool = True, full_artifacts: bool = False, progress: bool = True, lockstep: bool = True) -> dict:
     """Align the Paddle twin of `name` against its torch reference. Returns the verdict dict; `verdict['passed']`
     is True only when every requested step passed under the tolerance policy."""
     from tqdm import tqdm
@@ -238,6 +243,8 @@ def run(name: str, weights=None, out="segtwin_out", data=None, input_size=None, 
     t0 = time.time()
     ctx, provenance = prepare(name, weights=weights, out=out, data=data, input_size=input_size, seed=seed,
                               num_classes=num_classes, threads=threads, policy=policy, iters=iters)
+    ctx.lockstep = lockstep
+    provenance["lockstep"] = lockstep
     results = {}
     bar = tqdm(steps, desc=f"align {name}", unit="step", disable=not progress, file=sys.stderr)
     for step in bar:

@@ -24,9 +24,8 @@ import paddle_impl.optim as poptim
 import torch_ref.losses as tlosses
 import torch_ref.optim as toptim
 
-from ..context import (BASE_LR, HEAD_LR_MULT, MOMENTUM, WEIGHT_DECAY, Context, StepResult, disable_dropout,
-                       paddle_key, poly_lr)
-from .common import as_tuple, record
+from ..context import (BASE_LR, HEAD_LR_MULT, MOMENTUM, WEIGHT_DECAY, Context, StepResult, paddle_key, poly_lr)
+from .common import as_tuple, record, train_setup
 
 
 def _sync(tm, pm, topt, popt, t_mom) -> None:
@@ -50,17 +49,11 @@ def run(ctx: Context) -> StepResult:
     import torch
 
     res = StepResult("backward")
-    tm, pm = ctx.models(ctx.train_dtype)
-    disable_dropout(tm)
-    disable_dropout(pm)
-    tm.train()
-    pm.train()
+    tm, pm, (xt, yt), (xp, yp) = train_setup(ctx)
     topt = toptim.build_optimizer(tm, BASE_LR, MOMENTUM, WEIGHT_DECAY, ctx.head_prefixes, HEAD_LR_MULT)
     popt = poptim.build_optimizer(pm, BASE_LR, MOMENTUM, WEIGHT_DECAY, ctx.head_prefixes, HEAD_LR_MULT)
     p_params = dict(pm.named_parameters())
     p_buffers = dict(pm.named_buffers())
-    xt, yt = ctx.torch_inputs(ctx.train_dtype)
-    xp, yp = ctx.paddle_inputs(ctx.train_dtype)
     curves = {"torch": [], "paddle": [], "lr": []}
     for it in range(ctx.iters):
         lr = poly_lr(BASE_LR, it, ctx.iters)
@@ -99,7 +92,7 @@ def run(ctx: Context) -> StepResult:
                 res.error = f"iteration {it}: Paddle optimizer has no velocity for {name}"
                 return res
             record(ctx, res, f"iter{it}/momentum/{name}", p_mom[name], t_mom[name])
-        if ctx.lockstep:
+        if ctx.lockstep and it < ctx.iters - 1:  # not after the last: eval_logits_after must see its update
             _sync(tm, pm, topt, popt, t_mom)
     tm.eval()
     pm.eval()

@@ -9,19 +9,13 @@ from __future__ import annotations
 import paddle_impl.losses as plosses
 import torch_ref.losses as tlosses
 
-from ..context import Context, StepResult, disable_dropout
-from .common import as_tuple, record
+from ..context import Context, StepResult
+from .common import as_tuple, record, train_setup
 
 
 def run(ctx: Context) -> StepResult:
     res = StepResult("loss")
-    tm, pm = ctx.models(ctx.train_dtype)
-    disable_dropout(tm)
-    disable_dropout(pm)
-    tm.train()
-    pm.train()
-    xt, yt = ctx.torch_inputs(ctx.train_dtype)
-    xp, yp = ctx.paddle_inputs(ctx.train_dtype)
+    tm, pm, (xt, yt), (xp, yp) = train_setup(ctx)
     out_t = as_tuple(tm(xt))
     out_p = as_tuple(pm(xp))
     terms = [t for t, _ in tlosses.LOSS_TERMS[ctx.name]]

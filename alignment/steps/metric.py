@@ -15,7 +15,7 @@ import torch_ref.metrics as tmetrics
 
 from ..compare import compare
 from ..context import Context, StepResult
-from .common import as_tuple, record
+from .common import eval_outputs
 
 
 def _metric_pair(ctx: Context, res: StepResult, prefix: str, pred: np.ndarray) -> None:
@@ -38,19 +38,10 @@ def _metric_pair(ctx: Context, res: StepResult, prefix: str, pred: np.ndarray) -
 
 
 def run(ctx: Context) -> StepResult:
-    import paddle
-    import torch
-
     res = StepResult("metric")
-    ctx.reset()
-    ctx.torch_model.eval()
-    ctx.paddle_model.eval()
-    xt, _ = ctx.torch_inputs()
-    xp, _ = ctx.paddle_inputs()
-    with torch.no_grad():
-        lt = as_tuple(ctx.torch_model(xt))[0].numpy()
-    with paddle.no_grad():
-        lp = as_tuple(ctx.paddle_model(xp))[0].numpy()
+    out_t, out_p = eval_outputs(ctx)
+    lt = out_t[0].numpy()
+    lp = out_p[0].numpy()
     pred_t = lt.argmax(1).astype(np.int64)
     pred_p = lp.argmax(1).astype(np.int64)
     _metric_pair(ctx, res, "torch_pred", pred_t)
