@@ -1,0 +1,101 @@
+// segtwin PSA mask: CUDA kernels and their launcher. No framework headers (compiles with plain nvcc).
+//
+// One thread per destination element runs the shared body `gather_flat` (psa_mask_kernel.h): it splits its flat
+// index into (row, column), takes the row's source map and gathers one value (or writes 0). Consecutive threads write consecutive addresses of the
+// destination's innermost dimension (coalesced stores). Every destination element is written by exactly one
+// thread in a single launch: there is no separate zeroing pass to race with, no atomics, and the destination may
+// come from an uninitialised allocation.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "psa_mask_cuda.h"
+#include "psa_mask_kernel.h"
+
+namespace segtwin {
+namespace psa {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T, typename Index>
+__global__ void __launch_bounds__(kThreads)
+    psa_mask_gather_kernel(const T* __restrict__ src, T* __restrict__ dst, PsaGeom g, int psa_type, bool forward,
+                           Index total) {
+  const Index step = static_cast<Index>(gridDim.x) * static_cast<Index>(blockDim.x);
+  for (Index idx = static_cast<Index>(blockIdx.x) * static_cast<Index>(blockDim.x) + threadIdx.x; idx < total;
+       idx += step) {
+    gather_flat<T, Index>(src, dst, g, psa_type, forward, idx);
+  }
+}
+
+// Restores the calling thread's current device on scope exit.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) {
+    ok_ = cudaGetDevice(&previous_) == cudaSuccess;
+    if (ok_ && previous_ != device) ok_ = cudaSetDevice(device) == cudaSuccess;
+  }
+  ~DeviceScope() {
+    if (ok_) cudaSetDevice(previous_);
+  }
+  bool ok() const { return ok_; }
+
+ private:
+  int previous_ = 0;
+  bool ok_ = false;
+};
+
+template <typename T>
+cudaError_t launch(const void* src, void* dst, const PsaGeom& g, int psa_type, bool forward, int64_t total,
+                   cudaStream_t stream, int device) {
+  int sms = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  const int64_t needed = (total + kThreads - 1) / kThreads;
+  // Enough blocks to fill the device many times over; the grid-stride loop covers the rest.
+  const int64_t cap = static_cast<int64_t>(sms > 0 ? sms : 1) * 64;
+  const unsigned blocks = static_cast<unsigned>(needed < cap ? needed : cap);
+  const T* s = static_cast<const T*>(src);
+  T* d = static_cast<T*>(dst);
+  // 32-bit index arithmetic whenever the flat index (plus one grid-stride step) cannot overflow it.
+  const int64_t headroom = static_cast<int64_t>(blocks) * kThreads;
+  if (total + headroom < (static_cast<int64_t>(1) << 32)) {
+    psa_mask_gather_kernel<T, uint32_t>
+        <<<blocks, kThreads, 0, stream>>>(s, d, g, psa_type, forward, static_cast<uint32_t>(total));
+  } else {
+    psa_mask_gather_kernel<T, int64_t><<<blocks, kThreads, 0, stream>>>(s, d, g, psa_type, forward, total);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+const char* psa_mask_cuda(const void* src, void* dst, int elem_bytes, int64_t n, int64_t mask_h, int64_t mask_w,
+                          int64_t h, int64_t w, int psa_type, bool forward, CUstream_st* stream, int device) {
+  if (psa_type != kCollect && psa_type != kDistribute) return "psa_mask_cuda: psa_type must be 0 or 1";
+  if (n < 0 || mask_h <= 0 || mask_w <= 0 || h < 0 || w < 0) return "psa_mask_cuda: invalid sizes";
+  const PsaGeom g = make_geom(n, mask_h, mask_w, h, w);
+  const int64_t total = (forward ? forward_rows(g) : backward_rows(g)) * g.w;
+  if (total == 0) return nullptr;
+  DeviceScope scope(device);
+  if (!scope.ok()) return "psa_mask_cuda: cannot select the tensor's CUDA device";
+  cudaError_t err = cudaSuccess;
+  switch (elem_bytes) {
+    case 2:
+      err = launch<uint16_t>(src, dst, g, psa_type, forward, total, stream, device);
+      break;
+    case 4:
+      err = launch<float>(src, dst, g, psa_type, forward, total, stream, device);
+      break;
+    case 8:
+      err = launch<double>(src, dst, g, psa_type, forward, total, stream, device);
+      break;
+    default:
+      return "psa_mask_cuda: element size must be 2, 4 or 8 bytes";
+  }
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace psa
+}  // namespace segtwin

@@ -1,0 +1,338 @@
+"""Key maps: which Paddle-twin key each official (torch) key fills, and how.
+
+Three layers, applied in this order to every source key:
+
+1. a source *flavour* (optional): a checkpoint that is not the segmentation model's own, e.g. semseg's ImageNet
+   backbone `resnet50_v2.pth` (`conv1/bn1/.../fc`), whose names are moved onto torch_ref's (`layer0.0/.1/...`);
+   a flavour is only accepted for a partial conversion (`--partial`);
+2. the generic BatchNorm renames (`torch_to_paddle_key`): `running_mean -> _mean`, `running_var -> _variance`,
+   `num_batches_tracked` dropped (Paddle's BN keeps no step counter);
+3. the model's own renames (`KEYMAPS[name].renames`, regex -> replacement, full-key match): empty for the models
+   whose twins use torch_ref's attribute names verbatim (the twin rule); the hook for a twin that cannot.
+
+Transposition is NOT a key-map rule: only the `weight` of an `nn.Linear` (or subclass) is transposed (torch stores
+(out, in), Paddle (in, out)), and that is decided by the type of the module that owns the key in the torch_ref model,
+never by the tensor's shape -- a square Linear is transposed, a 2-D `nn.Embedding` weight is not.
+
+`plan_conversion` turns all of this into one `KeyAction` per key (source keys first, in file order, then the twin
+keys nothing filled). Actions: copy, rename, transpose, drop, keep-init (fine); unused, missing, mis-shaped,
+duplicate (errors).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+__all__ = [
+    "KeyAction", "SourceFlavour", "ModelKeymap", "KEYMAPS", "OK_ACTIONS", "ERROR_ACTIONS",
+    "torch_to_paddle_key", "get_keymap", "linear_weight_keys", "plan_conversion", "materialize",
+]
+
+OK_ACTIONS = ("copy", "rename", "transpose", "drop", "keep-init")
+ERROR_ACTIONS = ("unused", "missing", "mis-shaped", "duplicate")
+
+BN_RENAMES = {"running_mean": "_mean", "running_var": "_variance"}
+DROP_NUM_BATCHES = "drop: BatchNorm step counter (Paddle's BatchNorm keeps none)"
+
+
+def torch_to_paddle_key(key: str) -> Optional[str]:
+    """Generic torch -> Paddle renames of one state_dict key; None means the key is dropped.
+
+    `a.bn.running_mean -> a.bn._mean`, `a.bn.running_var -> a.bn._variance`, `a.bn.num_batches_tracked -> None`;
+    every other key is unchanged (Paddle's conv / BN weight and bias keep torch's names and layouts).
+    """
+    head, dot, leaf = key.rpartition(".")
+    if leaf == "num_batches_tracked":
+        return None
+    if leaf in BN_RENAMES:
+        return f"{head}{dot}{BN_RENAMES[leaf]}"
+    return key
+
+
+@dataclass(frozen=True)
+class KeyAction:
+    """One row of the conversion plan / report.
+
+    source/target: key in the (unwrapped, `module.`-stripped) checkpoint / in the Paddle twin (None where there is
+    none); source_shape/target_shape: the shapes on each side (target = the twin's); dtype: the source dtype, with
+    '->' when the value is cast to the twin's dtype; action: see module docstring; reason: why (always set for drop,
+    keep-init and errors).
+    """
+    source: Optional[str]
+    target: Optional[str]
+    source_shape: Optional[tuple]
+    target_shape: Optional[tuple]
+    dtype: Optional[str]
+    action: str
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.action in OK_ACTIONS
+
+    @property
+    def transpose(self) -> bool:
+        return self.action == "transpose"
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "target": self.target,
+            "source_shape": list(self.source_shape) if self.source_shape is not None else None,
+            "target_shape": list(self.target_shape) if self.target_shape is not None else None,
+            "dtype": self.dtype,
+            "action": self.action,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class SourceFlavour:
+    """A foreign checkpoint layout a model accepts for partial conversion (e.g. an ImageNet backbone).
+
+    detect(keys) -> bool says whether a checkpoint is of this flavour; map_key(key) -> (torch_ref key, reason) moves a
+    key onto torch_ref's names, or returns (None, reason) for a key to drop (dropped only with --partial).
+    """
+    name: str
+    description: str
+    detect: Callable[[Sequence[str]], bool]
+    map_key: Callable[[str], tuple]
+    requires_partial: bool = True
+
+
+@dataclass(frozen=True)
+class ModelKeymap:
+    """Everything model-specific the converter needs (plain data + two small functions)."""
+    model: str
+    renames: tuple = ()  # ((regex, replacement), ...) applied to the Paddle key after the BN renames
+    partial_aliases: Mapping[str, tuple] = field(default_factory=dict)  # --partial NAME -> key prefixes
+    flavours: tuple = ()
+    infer_partial_config: Optional[Callable[[Mapping[str, tuple]], dict]] = None  # cfg when the head is absent
+
+    def to_paddle(self, torch_key: str) -> Optional[str]:
+        key = torch_to_paddle_key(torch_key)
+        if key is None:
+            return None
+        for pattern, repl in self.renames:
+            key = re.sub(rf"\A(?:{pattern})\Z", repl, key)
+        return key
+
+    def expand_partial(self, prefixes: Iterable[str]) -> tuple:
+        out = []
+        for p in prefixes:
+            for q in self.partial_aliases.get(p, (p,)):
+                if q not in out:
+                    out.append(q)
+        return tuple(out)
+
+    def detect_flavour(self, keys: Sequence[str]) -> Optional[SourceFlavour]:
+        keys = list(keys)
+        return next((f for f in self.flavours if f.detect(keys)), None)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# pspnet
+
+_IMAGENET_FC = "drop: ImageNet classifier (not in the segmentation model)"
+_DEEP_STEM = {"conv1": "layer0.0", "bn1": "layer0.1", "conv2": "layer0.3", "bn2": "layer0.4", "conv3": "layer0.6",
+              "bn3": "layer0.7"}
+_STEM_RE = re.compile(r"(conv[123]|bn[123])\.(.+)")
+
+
+def _semseg_imagenet_detect(keys: Sequence[str]) -> bool:
+    ks = set(keys)
+    return "conv1.weight" in ks and "layer0.0.weight" not in ks
+
+
+def _semseg_imagenet_map(key: str) -> tuple:
+    m = _STEM_RE.fullmatch(key)
+    if m:
+        return f"{_DEEP_STEM[m.group(1)]}.{m.group(2)}", f"ImageNet stem {m.group(1)} -> {_DEEP_STEM[m.group(1)]}"
+    if key.startswith("fc."):
+        return None, _IMAGENET_FC
+    return key, ""
+
+
+SEMSEG_IMAGENET_RESNET = SourceFlavour(
+    name="semseg-imagenet-resnet",
+    description="semseg's ImageNet ResNet (initmodel/resnet50_v2.pth): deep stem conv1/bn1/conv2/bn2/conv3/bn3 -> "
+                "layer0.{0,1,3,4,6,7}, layer1..4 unchanged, fc dropped",
+    detect=_semseg_imagenet_detect,
+    map_key=_semseg_imagenet_map,
+)
+
+
+def _resnet_depth_from_keys(shapes: Mapping[str, tuple]) -> dict:
+    """{'layers': depth} from the number of blocks in layer3 (the only stage whose length tells 50/101/152)."""
+    from torch_ref.backbones.resnet import DEPTHS
+
+    n3 = len({k.split(".")[1] for k in shapes if k.startswith("layer3.")})
+    depth = next((d for d, b in DEPTHS.items() if b[2] == n3), None)
+    return {} if depth is None else {"layers": depth}
+
+
+KEYMAPS = {
+    "pspnet": ModelKeymap(
+        model="pspnet",
+        renames=(),  # identity: the twin keeps semseg's names (BN renames only)
+        partial_aliases={"backbone": ("layer0.", "layer1.", "layer2.", "layer3.", "layer4.")},
+        flavours=(SEMSEG_IMAGENET_RESNET,),
+        infer_partial_config=_resnet_depth_from_keys,
+    ),
+}
+
+
+def get_keymap(name: str) -> ModelKeymap:
+    if name not in KEYMAPS:
+        raise KeyError(f"no key map for model {name!r}; known: {', '.join(sorted(KEYMAPS))}")
+    return KEYMAPS[name]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# planning
+
+
+def linear_weight_keys(torch_module) -> set:
+    """state_dict keys of every `nn.Linear` (or subclass) weight in `torch_module`: the only keys transposed."""
+    import torch.nn as nn
+
+    out = set()
+    for path, mod in torch_module.named_modules():
+        if isinstance(mod, nn.Linear) and getattr(mod, "weight", None) is not None:
+            out.add(f"{path}.weight" if path else "weight")
+    return out
+
+
+def _shape(s) -> tuple:
+    return tuple(int(d) for d in (s.shape if hasattr(s, "shape") else s))
+
+
+def plan_conversion(torch_module, source_keys_and_shapes, keymap: Optional[ModelKeymap] = None, *,
+                    target_shapes: Optional[Mapping[str, Sequence[int]]] = None, partial: Sequence[str] = (),
+                    flavour: Optional[SourceFlavour] = None, dtypes: Optional[Mapping[str, str]] = None,
+                    target_dtypes: Optional[Mapping[str, str]] = None) -> list:
+    """One KeyAction per source key (in order), then one per twin key no source key fills.
+
+    torch_module: the torch_ref model (any device; `torch.device("meta")` costs nothing) -- its module types decide
+    transposition. source_keys_and_shapes: mapping or (key, shape) pairs of the checkpoint (already unwrapped and
+    `module.`-stripped). keymap: the model's ModelKeymap (None: generic BN renames only). target_shapes: the Paddle
+    twin's state_dict shapes (None: derived from torch_module through the key map, i.e. the twin rule). partial:
+    EXPANDED key prefixes the checkpoint is expected to cover (twin keys outside them are keep-init; empty = all).
+    flavour: a SourceFlavour to apply to source names. dtypes / target_dtypes: dtype names per source / twin key,
+    recorded in the rows ('float16->float32' where the value is cast).
+    """
+    keymap = keymap or ModelKeymap(model="<generic>")
+    items = list(source_keys_and_shapes.items()) if isinstance(source_keys_and_shapes, Mapping) \
+        else list(source_keys_and_shapes)
+    linear = linear_weight_keys(torch_module)
+    torch_keys = list(torch_module.state_dict().keys())
+    if target_shapes is None:
+        sd = torch_module.state_dict()
+        target_shapes = {}
+        for k in torch_keys:
+            pk = keymap.to_paddle(k)
+            if pk is not None:
+                s = _shape(sd[k])
+                target_shapes[pk] = s[::-1] if k in linear else s
+    target_shapes = {k: _shape(v) for k, v in target_shapes.items()}
+    # twin key -> torch_ref key, to name the torch-side key of a missing twin key
+    torch_name_of = {keymap.to_paddle(k): k for k in torch_keys if keymap.to_paddle(k) is not None}
+    dtypes = dtypes or {}
+    target_dtypes = target_dtypes or {}
+
+    def dtype_note(src_key, tgt_key):
+        d = dtypes.get(src_key)
+        t = target_dtypes.get(tgt_key) if tgt_key is not None else None
+        if d is not None and t is not None and d != t and _is_float(d) and _is_float(t):
+            return f"{d}->{t}"
+        return d
+
+    rows = []
+    filled: dict = {}
+    for skey, sshape in items:
+        sshape = _shape(sshape)
+        tkey, why = (skey, "")
+        if flavour is not None:
+            tkey, why = flavour.map_key(skey)
+            if tkey is None:
+                if partial or not flavour.requires_partial:
+                    rows.append(KeyAction(skey, None, sshape, None, dtypes.get(skey), "drop", why))
+                else:
+                    rows.append(KeyAction(skey, None, sshape, None, dtypes.get(skey), "unused",
+                                          f"{why.replace('drop: ', '')}; dropped only for a partial conversion "
+                                          f"(--partial)"))
+                continue
+        pkey = keymap.to_paddle(tkey)
+        if pkey is None:
+            rows.append(KeyAction(skey, None, sshape, None, dtypes.get(skey), "drop", DROP_NUM_BATCHES))
+            continue
+        if pkey not in target_shapes:
+            rows.append(KeyAction(skey, pkey, sshape, None, dtypes.get(skey), "unused",
+                                  f"the Paddle twin has no key {pkey!r}"))
+            continue
+        tshape = target_shapes[pkey]
+        if pkey in filled:
+            rows.append(KeyAction(skey, pkey, sshape, tshape, dtypes.get(skey), "duplicate",
+                                  f"{pkey!r} is already filled by source key {filled[pkey]!r}"))
+            continue
+        transpose = tkey in linear
+        if transpose and len(sshape) != 2:
+            rows.append(KeyAction(skey, pkey, sshape, tshape, dtypes.get(skey), "mis-shaped",
+                                  f"nn.Linear weight with {len(sshape)} dims"))
+            continue
+        eff = sshape[::-1] if transpose else sshape
+        if eff != tshape:
+            note = " after transposing the nn.Linear weight" if transpose else ""
+            rows.append(KeyAction(skey, pkey, sshape, tshape, dtypes.get(skey), "mis-shaped",
+                                  f"source {list(sshape)}{note} vs twin {list(tshape)}"))
+            filled[pkey] = skey
+            continue
+        filled[pkey] = skey
+        if transpose:
+            action, reason = "transpose", f"nn.Linear weight {tkey!r}: torch (out, in) -> Paddle (in, out)"
+        elif pkey != skey:
+            action, reason = "rename", why or "BatchNorm running statistics: Paddle names"
+        else:
+            action, reason = "copy", ""
+        rows.append(KeyAction(skey, pkey, sshape, tshape, dtype_note(skey, pkey), action, reason))
+
+    for tkey, tshape in target_shapes.items():
+        if tkey in filled:
+            continue
+        if partial and not any(tkey.startswith(p) for p in partial):
+            rows.append(KeyAction(None, tkey, None, tshape, target_dtypes.get(tkey), "keep-init",
+                                  f"outside --partial {', '.join(partial)}: keeps the twin's initialisation"))
+        else:
+            tname = torch_name_of.get(tkey)
+            hint = f" (torch_ref key {tname!r})" if tname and tname != tkey else ""
+            rows.append(KeyAction(None, tkey, None, tshape, target_dtypes.get(tkey), "missing",
+                                  f"no source key fills it{hint}"))
+    return rows
+
+
+def _is_float(d: str) -> bool:
+    return "float" in d
+
+
+def materialize(row: KeyAction, tensor, target_dtype: Optional[str] = None):
+    """The numpy array a copy/rename/transpose row writes for `tensor` (a torch tensor).
+
+    float32 stays float32 and integer buffers keep their dtype; a floating tensor whose dtype differs from the twin's
+    (`target_dtype`, e.g. float16 or bfloat16 -> float32) is cast to it. Transposed arrays are made C-contiguous.
+    """
+    import numpy as np
+    import torch
+
+    if row.action not in ("copy", "rename", "transpose"):
+        raise ValueError(f"row {row.source!r} has action {row.action!r}: nothing to write")
+    t = tensor.detach()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
+        t = t.to(torch.float32)
+    arr = t.numpy()
+    if target_dtype is not None and arr.dtype.kind == "f" and np.dtype(target_dtype).kind == "f" \
+            and arr.dtype != np.dtype(target_dtype):
+        arr = arr.astype(target_dtype)
+    if row.action == "transpose":
+        arr = np.ascontiguousarray(arr.T)
+    return arr
