@@ -46,7 +46,7 @@ def _torch_step(tm, x, y):
     out = tm(torch.from_numpy(x))
     loss = F.cross_entropy(out, torch.from_numpy(y), ignore_index=255)
     loss.backward()
-    return float(loss)
+    return float(loss.detach())
 
 
 def _paddle_step(pm, x, y):
@@ -57,7 +57,7 @@ def _paddle_step(pm, x, y):
     out = pm(paddle.to_tensor(x))
     loss = F.cross_entropy(out, paddle.to_tensor(y), ignore_index=255, axis=1)
     loss.backward()
-    return float(loss)
+    return float(loss.detach())
 
 
 @pytest.mark.benchmark(group="pspnet-fwd-bwd")
@@ -73,3 +73,45 @@ def test_paddle_fwd_bwd(benchmark, twins):
     _, pm, x, y = twins
     benchmark.extra_info["threads"] = set_threads()
     benchmark.pedantic(_paddle_step, args=(pm, x, y), rounds=3, iterations=1, warmup_rounds=1)
+
+
+# What dominates the ratio above: the 3x3 convolution itself (PSPNet's cls/dilated-backbone shape).
+CONV_X = (1, 512, 60, 60)
+
+
+@pytest.fixture(scope="module")
+def conv_data():
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal(CONV_X).astype(np.float32),
+            (0.01 * rng.standard_normal((512, 512, 3, 3))).astype(np.float32))
+
+
+def _torch_conv(x, w):
+    import torch
+    import torch.nn.functional as F
+
+    a = torch.tensor(x, requires_grad=True)
+    b = torch.tensor(w, requires_grad=True)
+    F.conv2d(a, b, padding=4, dilation=4).sum().backward()
+
+
+def _paddle_conv(x, w):
+    import paddle
+    import paddle.nn.functional as F
+
+    a = paddle.to_tensor(x, stop_gradient=False)
+    b = paddle.to_tensor(w, stop_gradient=False)
+    F.conv2d(a, b, padding=4, dilation=4).sum().backward()
+
+
+@pytest.mark.benchmark(group="conv3x3-512-dilated4-fwd-bwd")
+def test_torch_conv(benchmark, conv_data):
+    benchmark.extra_info["baseline"] = True
+    benchmark.extra_info["threads"] = set_threads()
+    benchmark.pedantic(_torch_conv, args=conv_data, rounds=5, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.benchmark(group="conv3x3-512-dilated4-fwd-bwd")
+def test_paddle_conv(benchmark, conv_data):
+    benchmark.extra_info["threads"] = set_threads()
+    benchmark.pedantic(_paddle_conv, args=conv_data, rounds=5, iterations=1, warmup_rounds=1)
