@@ -218,3 +218,15 @@ def test_cli_exit_codes_and_stderr(tmp_path):
     assert unknown.returncode == 2 and "nosuchnet" in unknown.stderr
     badsteps = _cli("pspnet", "--steps", "forwardd", "--out", str(tmp_path))
     assert badsteps.returncode == 2 and "forwardd" in badsteps.stderr
+
+
+def test_align_on_synthetic_cityscapes_data(tmp_path):
+    """--data: the batch comes from val images in the official layout (labelIds mapped to trainIds)."""
+    from paddle_impl.datasets import write_cityscapes
+
+    write_cityscapes(tmp_path / "cs", n=2, size=(40, 80))
+    v = alignment.run("pspnet", out=str(tmp_path / "out"), data=str(tmp_path / "cs"), input_size=SMALL,
+                      steps=("forward", "metric"), threads=2, progress=False, trace=False)
+    assert v["passed"], v["steps"]
+    assert v["provenance"]["inputs"].startswith("cityscapes val images")
+    assert v["provenance"]["num_classes"] == 19

@@ -1,0 +1,594 @@
+"""Train / eval transforms for semantic segmentation (numpy + cv2, framework-neutral).
+
+Every transform is a callable ``(image, label) -> (image, label)``: ``image`` HxWxC (uint8 or float32, any
+channel order; ``ToCHW`` makes it CxHxW), ``label`` HxW integer (int64 from the readers). Geometric transforms move
+image and label together; the label is always resampled with nearest neighbour and padded with ``ignore_index``
+(255), the image is padded with ``pad_value`` (the mean pixel, so it normalises to 0).
+
+Sizes are ``(H, W)`` everywhere (an int means square); cv2's ``(W, H)`` order stays inside this module.
+
+The augmentations follow hszhao/semseg ``util/transform.py`` (reference/models.md §1.3)::
+
+    RandomScale([0.5, 2.0]) -> RandomRotate([-10, 10], p=0.5, pad mean) -> RandomGaussianBlur(p=0.5, k=5)
+    -> RandomHorizontalFlip(0.5) -> RandomCrop(crop, pad mean / 255) -> Normalize(mean*255, std*255)
+
+(``semseg_train_transforms`` builds exactly this list; semseg works on float32 images, hence ``ToFloat32`` first.)
+Padding/rotation must come BEFORE ``Normalize`` (their pad value is a pixel value).
+
+Randomness: each random transform owns a ``numpy.random.Generator`` (``rng=`` a Generator, an int seed, or None for
+fresh OS entropy); nothing uses numpy's or Python's global random state. ``Compose(..., seed=S)`` (or
+``.reseed(S)``) gives every random child its own independent stream spawned from ``S``; ``state_dict()`` /
+``set_state_dict()`` save and restore all streams (for exact resume). In DataLoader worker processes pass
+``worker_init_fn=reseed_worker`` so workers do not replay the same augmentations.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "SEMSEG_MEAN", "SEMSEG_STD", "IMAGENET_MEAN", "IMAGENET_STD", "DETECTRON2_MEAN_BGR", "DETECTRON2_STD_BGR",
+    "Compose", "ToFloat32", "Normalize", "ToCHW", "Resize", "ResizeLong", "PadToSize", "CenterCrop",
+    "RandomScale", "RandomCrop", "RandomHorizontalFlip", "RandomRotate", "RandomGaussianBlur",
+    "TRANSFORMS", "build_transforms", "semseg_train_transforms", "semseg_val_transforms",
+    "eval_batch", "reseed_worker",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: semseg convention (RGB, 0..255 pixel scale)
+SEMSEG_MEAN = tuple(m * 255 for m in IMAGENET_MEAN)
+SEMSEG_STD = tuple(s * 255 for s in IMAGENET_STD)
+#: detectron2 MSRA/caffe convention (BGR, std 1)
+DETECTRON2_MEAN_BGR = (103.53, 116.28, 123.675)
+DETECTRON2_STD_BGR = (1.0, 1.0, 1.0)
+
+Size = Union[int, Sequence[int]]
+RngLike = Union[None, int, np.random.Generator, np.random.SeedSequence]
+
+_INTERP = {
+    "nearest": cv2.INTER_NEAREST,
+    "linear": cv2.INTER_LINEAR,
+    "bilinear": cv2.INTER_LINEAR,
+    "cubic": cv2.INTER_CUBIC,
+    "bicubic": cv2.INTER_CUBIC,
+    "area": cv2.INTER_AREA,
+    "lanczos": cv2.INTER_LANCZOS4,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# helpers
+
+def _size(size: Size, name: str = "size") -> Tuple[int, int]:
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        size = (int(size), int(size))
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an int or (H, W), got {size!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"{name} must be positive, got (H, W) = ({h}, {w})")
+    return h, w
+
+
+def _interp(interp) -> int:
+    if isinstance(interp, str):
+        try:
+            return _INTERP[interp.lower()]
+        except KeyError:
+            raise ValueError(f"unknown interpolation {interp!r}; one of {sorted(_INTERP)}") from None
+    return int(interp)
+
+
+def _as_rng(rng: RngLike) -> np.random.Generator:
+    if isinstance(rng, np.random.Generator):
+        return rng
+    return np.random.default_rng(rng)
+
+
+def _check_pair(image: np.ndarray, label: np.ndarray) -> None:
+    if image.ndim not in (2, 3) or label.ndim != 2 or image.shape[:2] != label.shape:
+        raise ValueError(f"expected image HxW[xC] and label HxW of the same H, W; got image {image.shape}, "
+                         f"label {label.shape} (apply ToCHW last)")
+
+
+def _fill(image: np.ndarray, pad_value) -> Tuple[float, ...]:
+    """The pad value as cv2 wants it for this image's channels/dtype (rounded and clipped for uint8)."""
+    c = 1 if image.ndim == 2 else image.shape[2]
+    v = np.asarray(pad_value, dtype=np.float64).reshape(-1)
+    if v.size == 1:
+        v = np.full(c, v[0])
+    elif v.size != c:
+        raise ValueError(f"pad_value has {v.size} values for an image of {c} channels")
+    if c > 4:
+        raise ValueError(f"padding supports at most 4 channels, image has {c}")
+    if image.dtype == np.uint8:
+        v = np.clip(np.rint(v), 0, 255)
+    return tuple(float(x) for x in v) + (0.0,) * (4 - c)
+
+
+def _label_cv(label: np.ndarray, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Apply a cv2 nearest-neighbour op to an integer label of any dtype without changing a value (cv2 has no
+    int64): via uint8 when the values fit, else int32."""
+    if label.dtype == np.uint8:
+        return fn(label)
+    lo, hi = (int(label.min()), int(label.max())) if label.size else (0, 0)
+    if 0 <= lo and hi <= 255:
+        return fn(label.astype(np.uint8)).astype(label.dtype)
+    if np.iinfo(np.int32).min <= lo and hi <= np.iinfo(np.int32).max:
+        return fn(label.astype(np.int32)).astype(label.dtype)
+    raise ValueError("label values do not fit in int32")
+
+
+def _resize(image: np.ndarray, label: np.ndarray, h: int, w: int, interp: int):
+    img = cv2.resize(image, (w, h), interpolation=interp)
+    if image.ndim == 3 and img.ndim == 2:  # cv2 drops a trailing channel of 1
+        img = img[:, :, None]
+    lbl = _label_cv(label, lambda x: cv2.resize(x, (w, h), interpolation=cv2.INTER_NEAREST))
+    return img, lbl
+
+
+def _pad(image: np.ndarray, label: np.ndarray, h: int, w: int, pad_value, ignore_index: int, center: bool = True):
+    """Pad to at least (h, w): centred (semseg: half = pad // 2 on top/left) or at bottom/right."""
+    ih, iw = label.shape
+    ph, pw = max(h - ih, 0), max(w - iw, 0)
+    if ph == 0 and pw == 0:
+        return image, label
+    top, left = (ph // 2, pw // 2) if center else (0, 0)
+    bottom, right = ph - top, pw - left
+    img = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=_fill(image, pad_value))
+    if image.ndim == 3 and img.ndim == 2:
+        img = img[:, :, None]
+    lbl = np.pad(label, ((top, bottom), (left, right)), mode="constant", constant_values=ignore_index)
+    return img, lbl
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# base classes
+
+class Transform:
+    """Deterministic transform: ``__call__(image, label) -> (image, label)``."""
+
+    random = False
+
+    def __call__(self, image: np.ndarray, label: np.ndarray):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "rng")
+        return f"{type(self).__name__}({args})"
+
+
+class RandomTransform(Transform):
+    """A transform drawing from its own ``numpy.random.Generator`` (``rng``: Generator, int seed or None)."""
+
+    random = True
+
+    def __init__(self, rng: RngLike = None):
+        self.rng = _as_rng(rng)
+
+    def reseed(self, seed: RngLike) -> None:
+        self.rng = _as_rng(seed)
+
+
+class Compose(Transform):
+    """Apply ``transforms`` in order. ``seed`` (optional) reseeds every random child from one seed: child k gets
+    stream k of ``SeedSequence(seed).spawn(...)``, so the result depends on the seed and the list only."""
+
+    def __init__(self, transforms: Iterable[Callable], seed: RngLike = None):
+        self.transforms = list(transforms)
+        for t in self.transforms:
+            if not callable(t):
+                raise TypeError(f"Compose expects callables (image, label) -> (image, label), got {t!r}")
+        if seed is not None:
+            self.reseed(seed)
+
+    def __call__(self, image, label):
+        for t in self.transforms:
+            image, label = t(image, label)
+        return image, label
+
+    def _random_children(self) -> List[Any]:
+        return [t for t in self.transforms if hasattr(t, "reseed")]
+
+    def reseed(self, seed: RngLike) -> None:
+        """Give every random child an independent stream derived from ``seed`` (int, SeedSequence or Generator)."""
+        if isinstance(seed, np.random.Generator):
+            seed = np.random.SeedSequence(int(seed.integers(0, 2 ** 63)))
+        ss = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+        children = self._random_children()
+        for t, s in zip(children, ss.spawn(len(children))):
+            t.reseed(s)
+
+    def state_dict(self) -> List[Any]:
+        """Bit-generator states of the random children (JSON/pickle-able), in order."""
+        out = []
+        for t in self.transforms:
+            if isinstance(t, Compose):
+                out.append(t.state_dict())
+            elif isinstance(getattr(t, "rng", None), np.random.Generator):
+                out.append(t.rng.bit_generator.state)
+            else:
+                out.append(None)
+        return out
+
+    def set_state_dict(self, state: List[Any]) -> None:
+        if len(state) != len(self.transforms):
+            raise ValueError(f"state has {len(state)} entries for {len(self.transforms)} transforms")
+        for t, s in zip(self.transforms, state):
+            if s is None:
+                continue
+            if isinstance(t, Compose):
+                t.set_state_dict(s)
+            else:
+                t.rng.bit_generator.state = s
+
+    def __repr__(self) -> str:
+        inner = ",\n    ".join(repr(t) for t in self.transforms)
+        return f"Compose([\n    {inner}\n])"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# deterministic transforms
+
+class ToFloat32(Transform):
+    """image -> float32 (semseg works on float32 pixels 0..255); label -> int64."""
+
+    def __call__(self, image, label):
+        return image.astype(np.float32, copy=False), label.astype(np.int64, copy=False)
+
+
+class Normalize(Transform):
+    """``(image - mean) / std`` in float32, per channel, image stays HxWxC.
+
+    Defaults: semseg's RGB mean/std on the 0..255 scale (same values as "[0, 1] then ImageNet mean/std" used by
+    DANet / NVIDIA). Channel order: our readers give RGB. ``to_rgb=True`` reverses the channels first (an image read
+    BGR by cv2 -> RGB, mmseg's flag); ``to_bgr=True`` reverses them too (RGB -> BGR, for detectron2 models, with
+    ``DETECTRON2_MEAN_BGR`` / ``DETECTRON2_STD_BGR``); None/False keeps the order. mean/std are given in the OUTPUT
+    channel order.
+    """
+
+    def __init__(self, mean: Sequence[float] = SEMSEG_MEAN, std: Sequence[float] = SEMSEG_STD,
+                 to_rgb: Optional[bool] = None, to_bgr: bool = False):
+        if to_rgb and to_bgr:
+            raise ValueError("to_rgb and to_bgr both reverse the channels; give one")
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean {self.mean} and std {self.std} differ in length")
+        if any(s == 0 for s in self.std):
+            raise ValueError(f"std must be non-zero, got {self.std}")
+        self.to_rgb = bool(to_rgb)
+        self.to_bgr = bool(to_bgr)
+
+    def __call__(self, image, label):
+        img = image.astype(np.float32)
+        if self.to_rgb or self.to_bgr:
+            img = img[..., ::-1]
+        mean = np.asarray(self.mean, np.float32)
+        std = np.asarray(self.std, np.float32)
+        return np.ascontiguousarray((img - mean) / std, dtype=np.float32), label
+
+
+class ToCHW(Transform):
+    """image HxWxC -> CxHxW (contiguous); label -> contiguous int64 HxW. Apply last."""
+
+    def __call__(self, image, label):
+        if image.ndim == 2:
+            image = image[:, :, None]
+        return (np.ascontiguousarray(image.transpose(2, 0, 1)),
+                np.ascontiguousarray(label, dtype=np.int64))
+
+
+class Resize(Transform):
+    """Resize to ``size`` (H, W) exactly; image with ``interp``, label nearest (semseg's test-time Resize)."""
+
+    def __init__(self, size: Size, interp: Union[str, int] = "linear"):
+        self.size = _size(size)
+        self.interp = interp
+        self._interp = _interp(interp)
+
+    def __call__(self, image, label):
+        _check_pair(image, label)
+        return _resize(image, label, *self.size, self._interp)
+
+
+class ResizeLong(Transform):
+    """Resize keeping the aspect ratio so that the LONG side is ``long_size`` (semseg test: base_size)."""
+
+    def __init__(self, long_size: int, interp: Union[str, int] = "linear"):
+        if int(long_size) <= 0:
+            raise ValueError(f"long_size must be positive, got {long_size}")
+        self.long_size = int(long_size)
+        self.interp = interp
+        self._interp = _interp(interp)
+
+    def __call__(self, image, label):
+        _check_pair(image, label)
+        h, w = label.shape
+        if h >= w:
+            nh, nw = self.long_size, max(1, int(round(w * self.long_size / h)))
+        else:
+            nh, nw = max(1, int(round(h * self.long_size / w))), self.long_size
+        return _resize(image, label, nh, nw, self._interp)
+
+
+class PadToSize(Transform):
+    """Pad to at least ``size`` (H, W), centred (semseg) or at the bottom/right (``center=False``); image with
+    ``pad_value`` (default: the semseg mean pixel), label with ``ignore_index``. Never crops."""
+
+    def __init__(self, size: Size, pad_value=SEMSEG_MEAN, ignore_index: int = 255, center: bool = True):
+        self.size = _size(size)
+        self.pad_value = pad_value
+        self.ignore_index = int(ignore_index)
+        self.center = bool(center)
+
+    def __call__(self, image, label):
+        _check_pair(image, label)
+        return _pad(image, label, *self.size, self.pad_value, self.ignore_index, self.center)
+
+
+class CenterCrop(Transform):
+    """semseg ``Crop(crop_type='center')``: pad (centred, mean / ``ignore_index``) to at least ``size``, then take
+    the centre ``size`` window (offset ``(H - h) // 2``)."""
+
+    def __init__(self, size: Size, pad_value=SEMSEG_MEAN, ignore_index: int = 255):
+        self.size = _size(size)
+        self.pad_value = pad_value
+        self.ignore_index = int(ignore_index)
+
+    def __call__(self, image, label):
+        _check_pair(image, label)
+        h, w = self.size
+        image, label = _pad(image, label, h, w, self.pad_value, self.ignore_index)
+        y0, x0 = (label.shape[0] - h) // 2, (label.shape[1] - w) // 2
+        return image[y0:y0 + h, x0:x0 + w], label[y0:y0 + h, x0:x0 + w]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# random transforms
+
+class RandomScale(RandomTransform):
+    """semseg ``RandScale``: scale by ``s ~ U(scale_range)`` (image linear, label nearest); with ``aspect_ratio``
+    (lo, hi) also ``r ~ U(aspect_ratio)``, x scale ``s*sqrt(r)``, y scale ``s/sqrt(r)``."""
+
+    def __init__(self, scale_range: Sequence[float] = (0.5, 2.0), aspect_ratio: Optional[Sequence[float]] = None,
+                 interp: Union[str, int] = "linear", rng: RngLike = None):
+        super().__init__(rng)
+        lo, hi = (float(v) for v in scale_range)
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_range must be 0 < lo <= hi, got {scale_range}")
+        self.scale_range = (lo, hi)
+        if aspect_ratio is not None:
+            a, b = (float(v) for v in aspect_ratio)
+            if not 0 < a <= b:
+                raise ValueError(f"aspect_ratio must be 0 < lo <= hi, got {aspect_ratio}")
+            aspect_ratio = (a, b)
+        self.aspect_ratio = aspect_ratio
+        self.interp = interp
+        self._interp = _interp(interp)
+
+    def __call__(self, image, label):
+        _check_pair(image, label)
+        lo, hi = self.scale_range
+        s = lo + (hi - lo) * self.rng.random()
+        sx = sy = s
+        if self.aspect_ratio is not None:
+            a, b = self.aspect_ratio
+            r = np.sqrt(a + (b - a) * self.rng.random())
+            sx, sy = s * r, s / r
+        # as semseg: cv2.resize(None, fx, fy) (cv2 rounds the output size and maps with 1/fx, 1/fy)
+        img = cv2.resize(image, None, fx=sx, fy=sy, interpolation=self._interp)
+        if image.ndim == 3 and img.ndim == 2:
+            img = img[:, :, None]
+        lbl = _label_cv(label, lambda x: cv2.resize(x, None, fx=sx, fy=sy, interpolation=cv2.INTER_NEAREST))
+        return img, lbl
+
+
+class RandomCrop(RandomTransform):
+    """semseg ``Crop(crop_type='rand')``: pad (centred; image ``pad_value``, label ``ignore_index``) to at least
+    ``size``, then a uniformly random ``size`` window (offsets in ``[0, H - h]`` inclusive)."""
+
+    def __init__(self, size: Size, pad_value=SEMSEG_MEAN, ignore_index: int = 255, rng: RngLike = None):
+        super().__init__(rng)
+        self.size = _size(size)
+        self.pad_value = pad_value
+        self.ignore_index = int(ignore_index)
+
+    def __call__(self, image, label):
+        _check_pair(image, label)
+        h, w = self.size
+        image, label = _pad(image, label, h, w, self.pad_value, self.ignore_index)
+        y0 = int(self.rng.integers(0, label.shape[0] - h + 1))
+        x0 = int(self.rng.integers(0, label.shape[1] - w + 1))
+        return image[y0:y0 + h, x0:x0 + w], label[y0:y0 + h, x0:x0 + w]
+
+
+class RandomHorizontalFlip(RandomTransform):
+    """Mirror left-right with probability ``p``."""
+
+    def __init__(self, p: float = 0.5, rng: RngLike = None):
+        super().__init__(rng)
+        self.p = float(p)
+
+    def __call__(self, image, label):
+        _check_pair(image, label)
+        if self.rng.random() < self.p:
+            return np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(label[:, ::-1])
+        return image, label
+
+
+class RandomRotate(RandomTransform):
+    """semseg ``RandRotate``: with probability ``p`` rotate by ``angle ~ U(degrees)`` about the image centre
+    (``cv2.getRotationMatrix2D((w/2, h/2), angle, 1)``, same size); image linear + ``pad_value``, label nearest +
+    ``ignore_index``. ``degrees`` is (lo, hi) or a number d meaning (-d, d)."""
+
+    def __init__(self, degrees: Union[float, Sequence[float]] = (-10.0, 10.0), p: float = 0.5, pad_value=SEMSEG_MEAN,
+                 ignore_index: int = 255, rng: RngLike = None):
+        super().__init__(rng)
+        if np.ndim(degrees) == 0:
+            degrees = (-abs(float(degrees)), abs(float(degrees)))
+        lo, hi = (float(v) for v in degrees)
+        if lo > hi:
+            raise ValueError(f"degrees must be (lo, hi) with lo <= hi, got {degrees}")
+        self.degrees = (lo, hi)
+        self.p = float(p)
+        self.pad_value = pad_value
+        self.ignore_index = int(ignore_index)
+
+    def __call__(self, image, label):
+        _check_pair(image, label)
+        if self.rng.random() >= self.p:
+            return image, label
+        lo, hi = self.degrees
+        angle = lo + (hi - lo) * self.rng.random()
+        h, w = label.shape
+        m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1)
+        img = cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                             borderValue=_fill(image, self.pad_value))
+        if image.ndim == 3 and img.ndim == 2:
+            img = img[:, :, None]
+        lbl = _label_cv(label, lambda x: cv2.warpAffine(x, m, (w, h), flags=cv2.INTER_NEAREST,
+                                                        borderMode=cv2.BORDER_CONSTANT,
+                                                        borderValue=float(self.ignore_index)))
+        return img, lbl
+
+
+class RandomGaussianBlur(RandomTransform):
+    """semseg ``RandomGaussianBlur``: with probability ``p`` blur the image with a ``k x k`` Gaussian (sigma from
+    k, cv2's rule); label untouched."""
+
+    def __init__(self, p: float = 0.5, k: int = 5, rng: RngLike = None):
+        super().__init__(rng)
+        if int(k) <= 0 or int(k) % 2 == 0:
+            raise ValueError(f"k must be a positive odd kernel size, got {k}")
+        self.p = float(p)
+        self.k = int(k)
+
+    def __call__(self, image, label):
+        _check_pair(image, label)
+        if self.rng.random() < self.p:
+            img = cv2.GaussianBlur(image, (self.k, self.k), 0)
+            if image.ndim == 3 and img.ndim == 2:
+                img = img[:, :, None]
+            return img, label
+        return image, label
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# registry / presets
+
+TRANSFORMS: Dict[str, type] = {
+    cls.__name__: cls for cls in (
+        Compose, ToFloat32, Normalize, ToCHW, Resize, ResizeLong, PadToSize, CenterCrop, RandomScale, RandomCrop,
+        RandomHorizontalFlip, RandomRotate, RandomGaussianBlur)
+}
+
+
+def build_transforms(specs: Sequence[Dict[str, Any]], seed: RngLike = None) -> Compose:
+    """``Compose`` from config entries ``{"type": "RandomCrop", "size": [512, 1024], ...}`` (PaddleSeg-like)."""
+    out = []
+    for spec in specs:
+        spec = dict(spec)
+        name = spec.pop("type", None)
+        if name not in TRANSFORMS or name == "Compose":
+            raise ValueError(f"unknown transform type {name!r}; one of {sorted(set(TRANSFORMS) - {'Compose'})}")
+        try:
+            out.append(TRANSFORMS[name](**spec))
+        except TypeError as e:
+            raise ValueError(f"bad arguments for transform {name}: {e}") from None
+    return Compose(out, seed=seed)
+
+
+def semseg_train_transforms(crop_size: Size, scale_range=(0.5, 2.0), rotate=(-10.0, 10.0),
+                            mean=SEMSEG_MEAN, std=SEMSEG_STD, ignore_index: int = 255, seed: RngLike = None) -> Compose:
+    """semseg's train pipeline (reference/models.md §1.3), ending with a CxHxW float32 image."""
+    return Compose([
+        ToFloat32(),
+        RandomScale(scale_range),
+        RandomRotate(rotate, p=0.5, pad_value=mean, ignore_index=ignore_index),
+        RandomGaussianBlur(p=0.5, k=5),
+        RandomHorizontalFlip(0.5),
+        RandomCrop(crop_size, pad_value=mean, ignore_index=ignore_index),
+        Normalize(mean, std),
+        ToCHW(),
+    ], seed=seed)
+
+
+def semseg_val_transforms(crop_size: Size, mean=SEMSEG_MEAN, std=SEMSEG_STD, ignore_index: int = 255) -> Compose:
+    """semseg's val-during-training pipeline: centre crop (pad mean / ignore), normalise, CHW."""
+    return Compose([ToFloat32(), CenterCrop(crop_size, pad_value=mean, ignore_index=ignore_index),
+                    Normalize(mean, std), ToCHW()])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fixed evaluation batch (alignment driver --data)
+
+def eval_batch(dataset, n: int, size: Size, mean: Sequence[float] = SEMSEG_MEAN, std: Sequence[float] = SEMSEG_STD,
+               *, mode: str = "cover", to_bgr: bool = False, ignore_index: Optional[int] = None,
+               interp: Union[str, int] = "linear") -> Tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` samples of ``dataset`` as one deterministic batch of size ``size`` (H, W).
+
+    Samples are read untransformed (``dataset.load(i)`` when it exists, else ``dataset[i]``, which must give HxWx3
+    and HxW). ``mode``:
+      * ``"cover"`` (default): resize keeping the aspect ratio so the image covers ``size``, centre crop (no padding);
+      * ``"fit"``: resize keeping the aspect ratio to fit inside ``size``, pad centred (mean pixel / ignore);
+      * ``"crop"``: no resize; pad if smaller, centre crop (semseg's val crop).
+    Then ``Normalize(mean, std, to_bgr=to_bgr)``.
+
+    Returns ``(images float32 N x 3 x H x W, labels int64 N x H x W)``, C-contiguous.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if n > len(dataset):
+        raise ValueError(f"eval_batch asked for {n} samples but the dataset has {len(dataset)}")
+    if mode not in ("cover", "fit", "crop"):
+        raise ValueError(f"mode must be 'cover', 'fit' or 'crop', got {mode!r}")
+    h, w = _size(size)
+    ign = int(getattr(dataset, "ignore_index", 255) if ignore_index is None else ignore_index)
+    pad_value = mean[::-1] if to_bgr else mean  # mean is given in output order; the image here is still RGB
+    resample = _interp(interp)
+    norm = Normalize(mean, std, to_bgr=to_bgr)
+    images, labels = [], []
+    for i in range(int(n)):
+        image, label = dataset.load(i) if hasattr(dataset, "load") else dataset[i]
+        image, label = np.asarray(image), np.asarray(label)
+        _check_pair(image, label)
+        image = image.astype(np.float32)
+        ih, iw = label.shape
+        if mode != "crop":
+            scale = max(h / ih, w / iw) if mode == "cover" else min(h / ih, w / iw)
+            nh, nw = int(round(ih * scale)), int(round(iw * scale))
+            if mode == "cover":
+                nh, nw = max(nh, h), max(nw, w)
+            else:
+                nh, nw = max(1, min(nh, h)), max(1, min(nw, w))
+            if (nh, nw) != (ih, iw):
+                image, label = _resize(image, label, nh, nw, resample)
+        image, label = _pad(image, label, h, w, pad_value, ign)
+        y0, x0 = (label.shape[0] - h) // 2, (label.shape[1] - w) // 2
+        image, label = image[y0:y0 + h, x0:x0 + w], label[y0:y0 + h, x0:x0 + w]
+        image, label = norm(image, label)
+        images.append(image.transpose(2, 0, 1))
+        labels.append(label.astype(np.int64))
+    return np.ascontiguousarray(np.stack(images), dtype=np.float32), np.ascontiguousarray(np.stack(labels))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DataLoader workers
+
+def reseed_worker(worker_id: int) -> None:
+    """``worker_init_fn`` for ``paddle.io.DataLoader``: reseed the worker's copy of ``dataset.transforms`` from
+    ``(loader base seed, worker id)`` so workers draw different augmentations (deterministic when the base seed
+    is, i.e. when numpy's global seed was set before creating the loader iterator)."""
+    import paddle.io
+
+    info = paddle.io.get_worker_info()
+    if info is None:
+        return
+    tf = getattr(info.dataset, "transforms", None)
+    if tf is not None and hasattr(tf, "reseed"):
+        tf.reseed(np.random.SeedSequence([int(info.seed) & (2 ** 63 - 1), int(worker_id)]))
