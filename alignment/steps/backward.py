@@ -7,8 +7,8 @@ weight decay 1e-4, poly lr (power 0.9) per iteration, head lr x10 (semseg).
 
 Lockstep (default, `ctx.lockstep`): after the comparisons of iteration i the Paddle side is reset to torch's state
 (parameters, BN buffers, momentum buffers), so iteration i+1 starts from identical states -- PaDiff's "single step"
-idea applied to optimisation. Without it, float64 differences of 1e-16 after iteration 0 grow ~1e6-fold per
-iteration on random weights at the recipe's lr (head lr 0.1; measured: loss rel. diff 3e-14 -> 1.4e-10 -> 2.5e-9),
+idea applied to optimisation. Without it, float64 rounding differences after iteration 0 compound quickly from
+iteration to iteration on random weights at the recipe's lr (head lr 0.1; measured loss rel. diff 3e-14 -> 1.4e-10 -> 2.5e-9),
 which is the training dynamics' sensitivity, not a port error. `--free-run` turns lockstep off.
 
 Dtype: float64 on both sides by default (`train_dtype`). Measured on PSPNet-R50 with random weights at 2x3x65x65:
