@@ -34,6 +34,8 @@ __all__ = [
     "RandomScale", "RandomCrop", "RandomHorizontalFlip", "RandomRotate", "RandomGaussianBlur",
     "TRANSFORMS", "build_transforms", "semseg_train_transforms", "semseg_val_transforms",
     "eval_batch", "reseed_worker",
+    "ResizeStepScaling", "RandomPaddingCrop", "RandomDistort", "NORMALIZE_PRESETS", "TRANSFORM_ALIASES",
+    "WorkerSeeder", "seed_transforms",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -44,6 +46,16 @@ SEMSEG_STD = tuple(s * 255 for s in IMAGENET_STD)
 #: detectron2 MSRA/caffe convention (BGR, std 1)
 DETECTRON2_MEAN_BGR = (103.53, 116.28, 123.675)
 DETECTRON2_STD_BGR = (1.0, 1.0, 1.0)
+
+#: input conventions per reference (reference/models.md section 0); mean/std in OUTPUT channel order
+NORMALIZE_PRESETS: Dict[str, Dict[str, Any]] = {
+    "semseg": {"mean": SEMSEG_MEAN, "std": SEMSEG_STD, "scale": 1.0, "to_bgr": False},
+    "danet": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "scale": 1.0 / 255, "to_bgr": False},
+    "nvidia": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "scale": 1.0 / 255, "to_bgr": False},
+    "mmseg": {"mean": (123.675, 116.28, 103.53), "std": (58.395, 57.12, 57.375), "scale": 1.0, "to_bgr": False},
+    "detectron2": {"mean": DETECTRON2_MEAN_BGR, "std": DETECTRON2_STD_BGR, "scale": 1.0, "to_bgr": True},
+    "paddleseg": {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "scale": 1.0 / 255, "to_bgr": False},
+}
 
 Size = Union[int, Sequence[int]]
 RngLike = Union[None, int, np.random.Generator, np.random.SeedSequence]
@@ -248,11 +260,29 @@ class Normalize(Transform):
     DANet / NVIDIA). Channel order: our readers give RGB. ``to_rgb=True`` reverses the channels first (an image read
     BGR by cv2 -> RGB, mmseg's flag); ``to_bgr=True`` reverses them too (RGB -> BGR, for detectron2 models, with
     ``DETECTRON2_MEAN_BGR`` / ``DETECTRON2_STD_BGR``); None/False keeps the order. mean/std are given in the OUTPUT
-    channel order.
+    channel order. ``scale`` multiplies the pixels first (``1/255``: "[0, 1] then mean/std").
+
+    ``preset`` names a reference's convention (``NORMALIZE_PRESETS``; explicit arguments override it):
+    ``semseg`` (RGB, ImageNet mean/std x255), ``danet`` / ``nvidia`` (RGB, /255 then ImageNet mean/std), ``mmseg``
+    (RGB, 123.675/116.28/103.53, 58.395/57.12/57.375), ``detectron2`` (BGR, MSRA means 103.53/116.28/123.675,
+    std 1), ``paddleseg`` (RGB, /255 then mean 0.5 std 0.5: PaddleSeg's ``Normalize`` default).
     """
 
-    def __init__(self, mean: Sequence[float] = SEMSEG_MEAN, std: Sequence[float] = SEMSEG_STD,
-                 to_rgb: Optional[bool] = None, to_bgr: bool = False):
+    def __init__(self, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                 to_rgb: Optional[bool] = None, to_bgr: Optional[bool] = None, scale: Optional[float] = None,
+                 preset: Optional[str] = None):
+        if preset is not None:
+            if preset not in NORMALIZE_PRESETS:
+                raise ValueError(f"unknown Normalize preset {preset!r}; one of {sorted(NORMALIZE_PRESETS)}")
+            p = NORMALIZE_PRESETS[preset]
+            mean = p["mean"] if mean is None else mean
+            std = p["std"] if std is None else std
+            scale = p["scale"] if scale is None else scale
+            to_bgr = p["to_bgr"] if to_bgr is None else to_bgr
+        self.preset = preset
+        mean = SEMSEG_MEAN if mean is None else mean
+        std = SEMSEG_STD if std is None else std
+        self.scale = 1.0 if scale is None else float(scale)
         if to_rgb and to_bgr:
             raise ValueError("to_rgb and to_bgr both reverse the channels; give one")
         self.mean = tuple(float(m) for m in mean)
@@ -266,6 +296,8 @@ class Normalize(Transform):
 
     def __call__(self, image, label):
         img = image.astype(np.float32)
+        if self.scale != 1.0:
+            img = img * np.float32(self.scale)
         if self.to_rgb or self.to_bgr:
             img = img[..., ::-1]
         mean = np.asarray(self.mean, np.float32)
@@ -286,7 +318,13 @@ class ToCHW(Transform):
 class Resize(Transform):
     """Resize to ``size`` (H, W) exactly; image with ``interp``, label nearest (semseg's test-time Resize)."""
 
-    def __init__(self, size: Size, interp: Union[str, int] = "linear"):
+    def __init__(self, size: Optional[Size] = None, interp: Union[str, int] = "linear",
+                 target_size: Optional[Size] = None):
+        if (size is None) == (target_size is None):
+            raise ValueError("Resize needs exactly one of size (H, W) or target_size (PaddleSeg's (W, H))")
+        if target_size is not None:  # PaddleSeg: target_size is (width, height)
+            tw, th = _size(target_size, "target_size")
+            size = (th, tw)
         self.size = _size(size)
         self.interp = interp
         self._interp = _interp(interp)
@@ -410,9 +448,9 @@ class RandomCrop(RandomTransform):
 class RandomHorizontalFlip(RandomTransform):
     """Mirror left-right with probability ``p``."""
 
-    def __init__(self, p: float = 0.5, rng: RngLike = None):
+    def __init__(self, p: float = 0.5, rng: RngLike = None, prob: Optional[float] = None):
         super().__init__(rng)
-        self.p = float(p)
+        self.p = float(p if prob is None else prob)  # prob: PaddleSeg's name
 
     def __call__(self, image, label):
         _check_pair(image, label)
@@ -479,25 +517,190 @@ class RandomGaussianBlur(RandomTransform):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# PaddleSeg-style random transforms (paddleseg/transforms/transforms.py semantics; sizes there are (W, H))
+
+class ResizeStepScaling(RandomTransform):
+    """PaddleSeg ``ResizeStepScaling``: scale by a factor drawn uniformly from the grid
+    ``linspace(min, max, int((max - min) / step + 1))`` (``step == 0``: ``U(min, max)``; ``min == max``: fixed);
+    new size ``(round(f*H), round(f*W))``, image with ``interp`` (linear), label nearest."""
+
+    def __init__(self, min_scale_factor: float = 0.75, max_scale_factor: float = 1.25, scale_step_size: float = 0.25,
+                 interp: Union[str, int] = "linear", rng: RngLike = None):
+        super().__init__(rng)
+        lo, hi, step = float(min_scale_factor), float(max_scale_factor), float(scale_step_size)
+        if not 0 < lo <= hi:
+            raise ValueError(f"need 0 < min_scale_factor <= max_scale_factor, got {lo}, {hi}")
+        if step < 0:
+            raise ValueError(f"scale_step_size must be >= 0, got {step}")
+        self.min_scale_factor, self.max_scale_factor, self.scale_step_size = lo, hi, step
+        self.interp = interp
+        self._interp = _interp(interp)
+
+    def factors(self) -> Optional[List[float]]:
+        """The grid of factors (None when continuous)."""
+        lo, hi, step = self.min_scale_factor, self.max_scale_factor, self.scale_step_size
+        if lo == hi:
+            return [lo]
+        if step == 0:
+            return None
+        return np.linspace(lo, hi, int((hi - lo) / step + 1)).tolist()
+
+    def __call__(self, image, label):
+        _check_pair(image, label)
+        grid = self.factors()
+        if grid is None:
+            f = float(self.rng.uniform(self.min_scale_factor, self.max_scale_factor))
+        else:
+            f = float(grid[int(self.rng.integers(0, len(grid)))])
+        h, w = label.shape
+        nh, nw = max(1, int(round(f * h))), max(1, int(round(f * w)))
+        return _resize(image, label, nh, nw, self._interp)
+
+
+class RandomPaddingCrop(RandomTransform):
+    """PaddleSeg ``RandomPaddingCrop``: pad at the BOTTOM/RIGHT to at least the crop (image ``im_padding_value``,
+    label ``label_padding_value``), then a uniformly random crop. ``crop_size`` is **(W, H)** as in PaddleSeg
+    (Cityscapes ``[1024, 512]`` = 512 rows x 1024 columns); an int means square.
+
+    ``category_max_ratio < 1`` retries the crop up to ``loop_times`` times while one class (other than
+    ``ignore_index``) covers more than that fraction of it (PaddleSeg / mmseg ``cat_max_ratio``)."""
+
+    def __init__(self, crop_size: Size = (512, 512), im_padding_value=(127.5, 127.5, 127.5),
+                 label_padding_value: int = 255, category_max_ratio: float = 1.0, ignore_index: int = 255,
+                 loop_times: int = 10, rng: RngLike = None):
+        super().__init__(rng)
+        cw, ch = _size(crop_size, "crop_size")
+        self.crop_size = (cw, ch)
+        self.im_padding_value = im_padding_value
+        self.label_padding_value = int(label_padding_value)
+        if not 0 < float(category_max_ratio) <= 1:
+            raise ValueError(f"category_max_ratio must be in (0, 1], got {category_max_ratio}")
+        self.category_max_ratio = float(category_max_ratio)
+        self.ignore_index = int(ignore_index)
+        self.loop_times = int(loop_times)
+
+    def __call__(self, image, label):
+        _check_pair(image, label)
+        cw, ch = self.crop_size
+        image, label = _pad(image, label, ch, cw, self.im_padding_value, self.label_padding_value, center=False)
+        h, w = label.shape
+        if (h, w) == (ch, cw):
+            return image, label
+        tries = self.loop_times if self.category_max_ratio < 1.0 else 1
+        for _ in range(max(tries, 1)):
+            y0 = int(self.rng.integers(0, h - ch + 1))
+            x0 = int(self.rng.integers(0, w - cw + 1))
+            crop = label[y0:y0 + ch, x0:x0 + cw]
+            if tries <= 1:
+                break
+            vals, counts = np.unique(crop[crop != self.ignore_index], return_counts=True)
+            if len(counts) > 1 and counts.max() / counts.sum() < self.category_max_ratio:
+                break
+        return image[y0:y0 + ch, x0:x0 + cw], crop
+
+
+class RandomDistort(RandomTransform):
+    """PaddleSeg ``RandomDistort``: the five photometric ops (brightness, contrast, saturation, hue, sharpness) in a
+    random order, each applied with its probability: PIL ``ImageEnhance`` factor ``U(1 - range, 1 + range)`` for
+    brightness / contrast / saturation (``Color``) / sharpness, hue = HSV H channel shifted by ``U(-hue_range,
+    hue_range)`` (uint8 wrap). Defaults are PaddleSeg's (ranges 0.5, probs 0.5, hue 18 p 0.5, sharpness p 0); its
+    Cityscapes configs set the three ranges to 0.4. Image only (label untouched); works on uint8 RGB (float input
+    is rounded and clipped to uint8 and returned as float32)."""
+
+    def __init__(self, brightness_range: float = 0.5, brightness_prob: float = 0.5, contrast_range: float = 0.5,
+                 contrast_prob: float = 0.5, saturation_range: float = 0.5, saturation_prob: float = 0.5,
+                 hue_range: float = 18, hue_prob: float = 0.5, sharpness_range: float = 0.5,
+                 sharpness_prob: float = 0.0, rng: RngLike = None):
+        super().__init__(rng)
+        self.brightness_range, self.brightness_prob = float(brightness_range), float(brightness_prob)
+        self.contrast_range, self.contrast_prob = float(contrast_range), float(contrast_prob)
+        self.saturation_range, self.saturation_prob = float(saturation_range), float(saturation_prob)
+        self.hue_range, self.hue_prob = float(hue_range), float(hue_prob)
+        self.sharpness_range, self.sharpness_prob = float(sharpness_range), float(sharpness_prob)
+
+    def __call__(self, image, label):
+        _check_pair(image, label)
+        from PIL import Image, ImageEnhance
+
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"RandomDistort needs an HxWx3 image, got {image.shape}")
+        as_float = image.dtype != np.uint8
+        im = Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8) if as_float else image, "RGB")
+        ops = ["brightness", "contrast", "saturation", "hue", "sharpness"]
+        enh = {"brightness": ImageEnhance.Brightness, "contrast": ImageEnhance.Contrast,
+               "saturation": ImageEnhance.Color, "sharpness": ImageEnhance.Sharpness}
+        for k in self.rng.permutation(len(ops)):
+            op = ops[int(k)]
+            rng_ = getattr(self, f"{op}_range")
+            if self.rng.random() >= getattr(self, f"{op}_prob"):
+                continue
+            if op == "hue":
+                delta = int(self.rng.uniform(-rng_, rng_))
+                hsv = np.array(im.convert("HSV"))
+                hsv[:, :, 0] = (hsv[:, :, 0].astype(np.int32) + delta) % 256
+                im = Image.fromarray(hsv, "HSV").convert("RGB")
+            else:
+                im = enh[op](im).enhance(float(self.rng.uniform(1 - rng_, 1 + rng_)))
+        out = np.asarray(im)
+        return (out.astype(np.float32) if as_float else np.ascontiguousarray(out)), label
+
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # registry / presets
 
 TRANSFORMS: Dict[str, type] = {
     cls.__name__: cls for cls in (
         Compose, ToFloat32, Normalize, ToCHW, Resize, ResizeLong, PadToSize, CenterCrop, RandomScale, RandomCrop,
-        RandomHorizontalFlip, RandomRotate, RandomGaussianBlur)
+        RandomHorizontalFlip, RandomRotate, RandomGaussianBlur, ResizeStepScaling, RandomPaddingCrop, RandomDistort)
+}
+
+#: other names accepted by ``build_transforms`` (semseg's and PaddleSeg's spellings)
+TRANSFORM_ALIASES: Dict[str, str] = {
+    "RandScale": "RandomScale", "RandRotate": "RandomRotate", "ResizeByLong": "ResizeLong",
+    "Padding": "PadToSize", "ToTensor": "ToCHW", "HorizontalFlip": "RandomHorizontalFlip",
 }
 
 
+def _transform_class(name) -> type:
+    name = TRANSFORM_ALIASES.get(name, name)
+    if name in TRANSFORMS and name != "Compose":
+        return TRANSFORMS[name]
+    import difflib
+
+    known = sorted((set(TRANSFORMS) | set(TRANSFORM_ALIASES)) - {"Compose"})
+    close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
+    if not close:  # case-insensitive / substring fallback ("randompaddingcrop", "PaddingCrop")
+        low = str(name).lower()
+        close = [k for k in known if k.lower() == low or (low and low in k.lower())][:3]
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(f"unknown transform type {name!r}{hint} (known: {', '.join(known)})")
+
+
 def build_transforms(specs: Sequence[Dict[str, Any]], seed: RngLike = None) -> Compose:
-    """``Compose`` from config entries ``{"type": "RandomCrop", "size": [512, 1024], ...}`` (PaddleSeg-like)."""
+    """``Compose`` from config entries (PaddleSeg-like YAML lists)::
+
+        - type: ResizeStepScaling
+          min_scale_factor: 0.5
+          max_scale_factor: 2.0
+          scale_step_size: 0.25
+        - type: RandomPaddingCrop
+          crop_size: [1024, 512]        # (W, H), PaddleSeg's order
+        - type: Normalize
+          preset: semseg
+
+    An unknown ``type`` raises ValueError suggesting the closest names; bad arguments name the transform."""
+    if isinstance(specs, dict):
+        raise TypeError("build_transforms expects a LIST of {type: ..., ...} entries, got a dict")
     out = []
-    for spec in specs:
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict) or "type" not in spec:
+            raise ValueError(f"transform entry {i} must be a mapping with a 'type' key, got {spec!r}")
         spec = dict(spec)
-        name = spec.pop("type", None)
-        if name not in TRANSFORMS or name == "Compose":
-            raise ValueError(f"unknown transform type {name!r}; one of {sorted(set(TRANSFORMS) - {'Compose'})}")
+        name = spec.pop("type")
+        cls = _transform_class(name)
         try:
-            out.append(TRANSFORMS[name](**spec))
+            out.append(cls(**spec))
         except TypeError as e:
             raise ValueError(f"bad arguments for transform {name}: {e}") from None
     return Compose(out, seed=seed)
@@ -592,3 +795,37 @@ def reseed_worker(worker_id: int) -> None:
     tf = getattr(info.dataset, "transforms", None)
     if tf is not None and hasattr(tf, "reseed"):
         tf.reseed(np.random.SeedSequence([int(info.seed) & (2 ** 63 - 1), int(worker_id)]))
+
+
+def seed_transforms(transforms, base_seed: int, worker_id: int = 0, epoch: int = 0) -> None:
+    """Reseed ``transforms`` (anything with ``reseed``) from ``SeedSequence([base_seed, worker_id, epoch])``:
+    the stream depends on these three numbers only (different per worker and per epoch, reproducible)."""
+    if transforms is not None and hasattr(transforms, "reseed"):
+        transforms.reseed(np.random.SeedSequence([int(base_seed) & (2 ** 63 - 1), int(worker_id), int(epoch)]))
+
+
+class WorkerSeeder:
+    """Picklable ``worker_init_fn`` reseeding each worker's ``dataset.transforms`` from ``(seed, worker id,
+    epoch)``, independent of numpy's global state. Call ``set_epoch(e)`` before iterating epoch ``e`` (workers are
+    started per epoch unless ``persistent_workers``). With ``num_workers=0`` call ``seeder.main(dataset)`` at the
+    start of each epoch instead (worker id 0)."""
+
+    def __init__(self, seed: int, epoch: int = 0):
+        self.seed = int(seed)
+        self.epoch = int(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __call__(self, worker_id: int) -> None:
+        import paddle.io
+
+        info = paddle.io.get_worker_info()
+        dataset = info.dataset if info is not None else None
+        seed_transforms(getattr(dataset, "transforms", None), self.seed, worker_id, self.epoch)
+
+    def main(self, dataset) -> None:
+        seed_transforms(getattr(dataset, "transforms", None), self.seed, 0, self.epoch)
+
+    def __repr__(self) -> str:
+        return f"WorkerSeeder(seed={self.seed}, epoch={self.epoch})"

@@ -373,8 +373,9 @@ def _palette_png(indices: np.ndarray) -> Image.Image:
 
 
 def write_voc(root: PathLike, n: int = 4, size: Tuple[int, int] = (64, 96), seed: int = 0,
-              overwrite: bool = False) -> dict:
-    """Write a mini PASCAL VOC 2012 segmentation set with ``n`` images in ``train`` and ``n`` in ``val``.
+              overwrite: bool = False, year: int = 2012) -> dict:
+    """Write a mini PASCAL VOC 2012 (``year=2007``: VOC2007 tree) segmentation set with ``n`` images in ``train``
+    and ``n`` in ``val``.
 
     Summary keys: ``dataset``, ``root``, ``voc_dir`` (ROOT/VOCdevkit/VOC2012), ``layout``, ``size``, ``seed``,
     ``splits`` ({"train": {"images": n, "ids": [...]}, "val": ..., "trainval": ...}), ``classes`` (sorted class
@@ -382,9 +383,12 @@ def write_voc(root: PathLike, n: int = 4, size: Tuple[int, int] = (64, 96), seed
     """
     h, w = _check_size(size)
     n = _check_n(n)
+    if int(year) not in (2007, 2012):
+        raise ValueError(f"year must be 2007 or 2012, got {year!r}")
+    vname = f"VOC{int(year)}"
     root = Path(root)
     removed = _prepare_root(root, overwrite)
-    voc = root / "VOCdevkit" / "VOC2012"
+    voc = root / "VOCdevkit" / vname
     dirs = {d: voc / d for d in ("JPEGImages", "SegmentationClass", "SegmentationObject")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
@@ -419,10 +423,11 @@ def write_voc(root: PathLike, n: int = 4, size: Tuple[int, int] = (64, 96), seed
         "root": str(root),
         "voc_dir": str(voc),
         "layout": {
-            "images": "VOCdevkit/VOC2012/JPEGImages/{id}.jpg",
-            "labels": "VOCdevkit/VOC2012/SegmentationClass/{id}.png",
-            "lists": "VOCdevkit/VOC2012/ImageSets/Segmentation/{split}.txt",
+            "images": f"VOCdevkit/{vname}/JPEGImages/{{id}}.jpg",
+            "labels": f"VOCdevkit/{vname}/SegmentationClass/{{id}}.png",
+            "lists": f"VOCdevkit/{vname}/ImageSets/Segmentation/{{split}}.txt",
         },
+        "year": int(year),
         "size": [h, w],
         "seed": int(seed),
         "splits": {s: {"images": len(v), "ids": v} for s, v in ids.items()},
