@@ -3,6 +3,11 @@
   segtwin align MODEL | --all       = python -m alignment             compare a Paddle twin with its torch reference
   segtwin convert MODEL SRC DST     = python -m weights_convert       official .pth -> .pdparams (strict, reported)
   segtwin synth cityscapes|voc DIR  = python -m paddle_impl.datasets  write a mini dataset in the official layout
+  segtwin train --config CFG        = python -m paddle_impl.train     train a Paddle twin (single or multi-GPU/CPU)
+  segtwin eval --config CFG --weights W    = python -m paddle_impl.engine.evaluate   whole / flip / ms / sliding
+  segtwin predict --config CFG --weights W --image P --out D = python -m paddle_impl.engine.predict
+  segtwin export --config CFG --weights W --out PREFIX       = python -m paddle_impl.engine.export
+  segtwin infer --model PREFIX --image P --out D             = python -m paddle_impl.engine.infer
 
 `segtwin COMMAND --help` shows the options of each.
 """
@@ -17,6 +22,11 @@ COMMANDS = {
     "align": "alignment.__main__",
     "convert": "weights_convert.__main__",
     "synth": "paddle_impl.datasets.__main__",
+    "train": "paddle_impl.train",
+    "eval": "paddle_impl.engine.evaluate",
+    "predict": "paddle_impl.engine.predict",
+    "export": "paddle_impl.engine.export",
+    "infer": "paddle_impl.engine.infer",
 }
 
 

@@ -1,0 +1,316 @@
+"""PaddleSeg-like YAML training configs.
+
+    cfg = load_config("paddle_impl/configs/pspnet_r50_cityscapes.yml", {"iters": 100, "train_dataset.dataset_root": d})
+    model = cfg.build_model(); train_set = cfg.build_dataset("train"); opt = cfg.build_optimizer(model)
+
+Top-level keys (see docs/training.md for all of them)::
+
+    batch_size iters seed train_dataset val_dataset model optimizer lr_scheduler loss
+    log_iters eval_iters save_iters keep_checkpoints num_workers amp
+
+Every key is validated against ``SCHEMA``: an unknown key is an error naming the file and the key path, with the
+closest valid key suggested (``pspnet.yml: unknown key 'optimiser' in <root>; did you mean 'optimizer'?``).
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import inspect
+import os
+from typing import Any, Dict, Optional
+
+import yaml
+
+__all__ = ["Config", "ConfigError", "load_config", "load_backbone", "SCHEMA", "DATASET_TYPES"]
+
+
+class ConfigError(ValueError):
+    """A config file is invalid; the message names the file and the key path."""
+
+
+_NUM = (int, float)
+_DATASET = {
+    "type": str, "dataset_root": str, "split": str, "mode": str, "list_file": str, "label_dir": str,
+    "reduce_zero_label": bool, "year": int, "transforms": list, "num_classes": int, "ignore_index": int,
+}
+#: key -> python type(s) of the value, or a nested schema dict. Anything not here is rejected.
+SCHEMA: Dict[str, Any] = {
+    "batch_size": int, "iters": int, "seed": int,
+    "train_dataset": _DATASET, "val_dataset": _DATASET,
+    "model": {"type": str, "num_classes": int, "pretrained": str, "backbone_pretrained": str, "layers": int, "bins": list, "dropout": _NUM,
+              "zoom_factor": int, "bn_momentum": _NUM},
+    "optimizer": {"type": str, "momentum": _NUM, "weight_decay": _NUM, "head_lr_mult": _NUM, "beta1": _NUM,
+                  "beta2": _NUM, "epsilon": _NUM, "grad_clip": _NUM},
+    "lr_scheduler": {"type": str, "learning_rate": _NUM, "power": _NUM, "end_lr": _NUM, "milestones": list,
+                     "step_size": int, "gamma": _NUM, "warmup_iters": int, "warmup_start_lr": _NUM},
+    "loss": {"types": list, "coef": list},
+    "log_iters": int, "eval_iters": int, "save_iters": int, "keep_checkpoints": int, "num_workers": int,
+    "amp": bool, "save_dir": str,
+}
+_REQUIRED = ("batch_size", "iters", "train_dataset", "model", "optimizer", "lr_scheduler")
+DEFAULTS = {"seed": 0, "log_iters": 10, "eval_iters": 1000, "save_iters": 1000, "keep_checkpoints": 5,
+            "num_workers": 0, "amp": False}
+DATASET_TYPES = ("Cityscapes", "VOCSegmentation")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+
+
+def _type_name(t) -> str:
+    return " or ".join(x.__name__ for x in t) if isinstance(t, tuple) else t.__name__
+
+
+def _validate(node: Dict[str, Any], schema: Dict[str, Any], where: str, file: str) -> None:
+    if not isinstance(node, dict):
+        raise ConfigError(f"{file}: {where} must be a mapping, got {type(node).__name__}")
+    for key, value in node.items():
+        if key not in schema:
+            close = difflib.get_close_matches(str(key), list(schema), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(schema))}"
+            raise ConfigError(f"{file}: unknown key {key!r} in {where}{hint}")
+        want = schema[key]
+        path = key if where == "<root>" else f"{where}.{key}"
+        if isinstance(want, dict):
+            _validate(value, want, path, file)
+            continue
+        ok = isinstance(value, want) and not (isinstance(value, bool) and want in (int, _NUM))
+        if want is _NUM and isinstance(value, bool):
+            ok = False
+        if value is None and key in ("pretrained", "backbone_pretrained"):
+            ok = True
+        if not ok:
+            raise ConfigError(f"{file}: {path} must be {_type_name(want)}, got {value!r}")
+
+
+def _set_dotted(raw: Dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+class Config:
+    """A validated config. ``raw`` is the plain dict (defaults filled in)."""
+
+    def __init__(self, raw: Dict[str, Any], path: str = "<config>"):
+        self.path = path
+        self.file = os.path.basename(path)
+        _validate(raw, SCHEMA, "<root>", self.file)
+        for key in _REQUIRED:
+            if key not in raw:
+                raise ConfigError(f"{self.file}: missing required key {key!r}")
+        for key, default in DEFAULTS.items():
+            raw.setdefault(key, default)
+        self.raw = raw
+        for key in ("batch_size", "iters", "log_iters", "eval_iters", "save_iters", "keep_checkpoints"):
+            if raw[key] <= 0:
+                raise ConfigError(f"{self.file}: {key} must be positive, got {raw[key]}")
+        if raw["num_workers"] < 0:
+            raise ConfigError(f"{self.file}: num_workers must be >= 0, got {raw['num_workers']}")
+        for section in ("train_dataset", "val_dataset"):
+            if section in raw:
+                t = raw[section].get("type")
+                if t not in DATASET_TYPES:
+                    raise ConfigError(f"{self.file}: {section}.type must be one of {list(DATASET_TYPES)}, got {t!r}")
+                if "dataset_root" not in raw[section]:
+                    raise ConfigError(f"{self.file}: missing required key {section}.dataset_root")
+        opt = str(raw["optimizer"].get("type", "sgd")).lower()
+        if opt not in OPTIMIZERS:
+            raise ConfigError(f"{self.file}: optimizer.type must be one of {list(OPTIMIZERS)}, got {opt!r}")
+        import paddle_impl
+        mtype = raw["model"].get("type")
+        if mtype not in paddle_impl.MODELS:
+            raise ConfigError(f"{self.file}: model.type must be one of {sorted(paddle_impl.MODELS)}, got {mtype!r}")
+        coef = raw.get("loss", {}).get("coef")
+        if coef is not None:
+            from .losses import LOSS_TERMS
+            terms = LOSS_TERMS[mtype]
+            if len(coef) != len(terms):
+                raise ConfigError(f"{self.file}: loss.coef has {len(coef)} values, model {mtype} has "
+                                  f"{len(terms)} loss terms ({', '.join(t for t, _ in terms)})")
+        if "learning_rate" not in raw["lr_scheduler"]:
+            raise ConfigError(f"{self.file}: missing required key lr_scheduler.learning_rate")
+        try:
+            self.build_lr()
+        except ValueError as e:
+            raise ConfigError(f"{self.file}: {e}") from None
+
+    # ------------------------------------------------------------------------------------------------ properties
+    @property
+    def model_type(self) -> str:
+        return self.raw["model"]["type"]
+
+    @property
+    def num_classes(self) -> int:
+        m = self.raw["model"]
+        if "num_classes" in m:
+            return int(m["num_classes"])
+        ds = self.raw["train_dataset"]
+        if "num_classes" in ds:
+            return int(ds["num_classes"])
+        n = int(self._dataset_class("train_dataset").num_classes)
+        return n - 1 if ds.get("reduce_zero_label") else n
+
+    @property
+    def ignore_index(self) -> int:
+        return int(self.raw["train_dataset"].get("ignore_index", 255))
+
+    @property
+    def loss_coefs(self) -> Dict[str, float]:
+        """{term: coefficient} in the model's output order (defaults: paddle_impl.losses.LOSS_TERMS)."""
+        from .losses import LOSS_TERMS
+        terms = LOSS_TERMS[self.model_type]
+        coef = self.raw.get("loss", {}).get("coef")
+        if coef is None:
+            return {t: float(w) for t, w in terms}
+        return {t: float(c) for (t, _), c in zip(terms, coef)}
+
+    # ------------------------------------------------------------------------------------------------ builders
+    def build_model(self):
+        """``paddle_impl.build_model(model.type, num_classes=..., <other model keys>)``; ``model.pretrained`` (a
+        full-model .pdparams) is loaded strictly when set; ``model.backbone_pretrained`` (e.g. ImageNet weights
+        converted with ``segtwin convert --partial backbone``) must hold every non-head key of the model (heads:
+        ``model.head_prefixes``) with the right shape and nothing else."""
+        import paddle
+
+        import paddle_impl
+        from .checkpoint import strict_load
+        cfg = {k: v for k, v in self.raw["model"].items()
+               if k not in ("type", "pretrained", "backbone_pretrained", "num_classes")}
+        if "bins" in cfg:
+            cfg["bins"] = tuple(cfg["bins"])
+        try:
+            model = paddle_impl.build_model(self.model_type, num_classes=self.num_classes, **cfg)
+        except TypeError as e:
+            raise ConfigError(f"{self.file}: bad model keys for {self.model_type}: {e}") from None
+        pretrained = self.raw["model"].get("pretrained")
+        if pretrained:
+            if not os.path.isfile(pretrained):
+                raise FileNotFoundError(f"{self.file}: model.pretrained {pretrained} does not exist")
+            strict_load(model, paddle.load(pretrained), source=pretrained)
+        backbone = self.raw["model"].get("backbone_pretrained")
+        if backbone:
+            if not os.path.isfile(backbone):
+                raise FileNotFoundError(f"{self.file}: model.backbone_pretrained {backbone} does not exist")
+            load_backbone(model, paddle.load(backbone), source=backbone)
+        return model
+
+    def _dataset_class(self, section: str):
+        from . import datasets
+        return getattr(datasets, self.raw[section]["type"])
+
+    def build_transforms(self, split: str, seed=None):
+        """The split's transform list (``paddle_impl.transforms.build_transforms``), finished with ``Normalize`` and
+        ``ToCHW`` when the list does not contain them."""
+        from .transforms import build_transforms
+        section = self._section(split)
+        specs = list(self.raw[section].get("transforms", []))
+        names = [s.get("type") if isinstance(s, dict) else None for s in specs]
+        for i, s in enumerate(specs):
+            if not isinstance(s, dict):
+                raise ConfigError(f"{self.file}: {section}.transforms[{i}] must be a mapping with a 'type', got {s!r}")
+        if "Normalize" not in names:
+            specs.append({"type": "Normalize"})
+        if "ToCHW" not in names:
+            specs.append({"type": "ToCHW"})
+        try:
+            return build_transforms(specs, seed=seed)
+        except ValueError as e:
+            raise ConfigError(f"{self.file}: {section}.transforms: {e}") from None
+
+    def _section(self, split: str) -> str:
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        section = f"{split}_dataset"
+        if section not in self.raw:
+            raise ConfigError(f"{self.file}: no {section} section")
+        return section
+
+    def build_dataset(self, split: str, root: Optional[str] = None, seed=None):
+        """The ``train``/``val`` dataset of the config (``root`` replaces ``dataset_root``)."""
+        section = self._section(split)
+        spec = self.raw[section]
+        root = os.fspath(root) if root is not None else spec["dataset_root"]
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"{self.file}: {section}.dataset_root {os.path.abspath(root)} does not exist "
+                                    f"(pass --data-root DIR or fix the config)")
+        cls = self._dataset_class(section)
+        kwargs = {"split": spec.get("split", split)}
+        for key in ("mode", "list_file", "label_dir", "reduce_zero_label", "year"):
+            if key in spec:
+                params = inspect.signature(cls.__init__).parameters
+                if key not in params:
+                    raise ConfigError(f"{self.file}: {section}.{key} is not supported by {cls.__name__} "
+                                      f"(its arguments: {', '.join(p for p in params if p != 'self')})")
+                kwargs[key] = spec[key]
+        return cls(root, transforms=self.build_transforms(split, seed=seed), **kwargs)
+
+    def build_lr(self, iters: Optional[int] = None):
+        from .engine.schedule import build_schedule
+        return build_schedule(self.raw["lr_scheduler"], int(iters or self.raw["iters"]))
+
+    def build_optimizer(self, model, base_lr: Optional[float] = None):
+        """SGD-momentum (``paddle_impl.optim``) or Adam/AdamW, two param groups: backbone x1, heads
+        (``model.head_prefixes``) x ``optimizer.head_lr_mult`` (default 10 for SGD, 1 for Adam)."""
+        import paddle
+
+        from . import optim
+        o = self.raw["optimizer"]
+        kind = str(o.get("type", "sgd")).lower()
+        lr = float(self.raw["lr_scheduler"]["learning_rate"] if base_lr is None else base_lr)
+        heads = getattr(model, "head_prefixes", ())
+        clip = paddle.nn.ClipGradByGlobalNorm(float(o["grad_clip"])) if o.get("grad_clip") else None
+        if kind in ("sgd", "momentum"):
+            opt = optim.build_optimizer(model, lr, momentum=float(o.get("momentum", 0.9)),
+                                        weight_decay=float(o.get("weight_decay", 1e-4)), head_prefixes=heads,
+                                        head_lr_mult=float(o.get("head_lr_mult", 10.0)))
+            if clip is not None:
+                opt._grad_clip = clip
+            return opt
+        mult = float(o.get("head_lr_mult", 1.0))
+        groups = [{"params": [p for _, p in params], "learning_rate": m}
+                  for _, params, m in optim.param_groups(model, heads, mult) if params]
+        cls = paddle.optimizer.Adam if kind == "adam" else paddle.optimizer.AdamW
+        wd = float(o.get("weight_decay", 0.0 if kind == "adam" else 0.01))
+        opt = cls(learning_rate=lr, beta1=float(o.get("beta1", 0.9)), beta2=float(o.get("beta2", 0.999)),
+                  epsilon=float(o.get("epsilon", 1e-8)), parameters=groups, weight_decay=wd or None, grad_clip=clip)
+        opt._segtwin_lr_mults = [g["learning_rate"] for g in groups]
+        return opt
+
+
+def load_backbone(model, state_dict, source: str = "<state_dict>") -> None:
+    """Load every non-head parameter/buffer of ``model`` from ``state_dict`` (strict on those keys: none missing,
+    none unexpected, same shapes); the heads (``model.head_prefixes``) keep their initialisation."""
+    from .checkpoint import StateDictMismatch, _shape
+    heads = tuple(getattr(model, "head_prefixes", ()))
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(heads)}
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mis_shaped = [(k, _shape(state_dict[k]), _shape(own[k])) for k in own
+                  if k in state_dict and _shape(state_dict[k]) != _shape(own[k])]
+    if missing or unexpected or mis_shaped:
+        raise StateDictMismatch(source, missing, unexpected, mis_shaped)
+    full = dict(model.state_dict())  # the heads load their own values: no "skip loading" warnings
+    full.update(state_dict)
+    model.set_state_dict(full)
+
+
+def load_config(path, overrides: Optional[Dict[str, Any]] = None) -> Config:
+    """Read and validate a YAML config. ``overrides``: ``{"iters": 10, "train_dataset.dataset_root": "d"}``
+    (dotted keys), applied before validation."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{os.path.basename(path)}: not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{os.path.basename(path)}: the top level must be a mapping")
+    raw = copy.deepcopy(raw)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(raw, key, value)
+    return Config(raw, path)

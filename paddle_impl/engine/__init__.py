@@ -1,0 +1,1 @@
+"""Training / evaluation / prediction / export engines of the Paddle twins."""

@@ -1,0 +1,100 @@
+"""Shared pieces of the eval / predict / export / infer command lines (config, weights, test-time options)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Tuple
+
+
+def add_test_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("test-time options (semseg tool/test.py semantics)")
+    g.add_argument("--flip", action="store_true", help="average the probabilities with the horizontally flipped image")
+    g.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
+                   help="image scales whose probabilities are averaged (default: 1.0)")
+    g.add_argument("--base-size", type=int, default=None, metavar="N",
+                   help="scale s resizes the long side to round(s*N) as semseg (default: s times the image size)")
+    g.add_argument("--slide", type=int, nargs=2, default=None, metavar=("CROP", "STRIDE"),
+                   help="sliding-window inference with square windows CROP every STRIDE pixels "
+                        "(STRIDE 0: ceil(CROP*2/3)); default: whole image")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or Paddle's)")
+
+
+def test_kwargs(args) -> dict:
+    kw = {"flip": bool(args.flip), "scales": tuple(args.scales), "base_size": args.base_size}
+    if args.slide:
+        crop, stride = args.slide
+        kw.update(mode="slide", crop=crop, stride=stride if stride > 0 else None)
+    else:
+        kw["mode"] = "whole"
+    return kw
+
+
+def set_threads(n: Optional[int]) -> None:
+    if n:
+        os.environ["OMP_NUM_THREADS"] = str(n)
+        try:
+            import paddle
+            paddle.set_num_threads(int(n)) if hasattr(paddle, "set_num_threads") else None
+        except Exception:  # pragma: no cover
+            pass
+
+
+def load_cfg(path: str, data_root: Optional[str] = None):
+    from ..config import load_config  # lazily: the config module is optional for the library functions
+    overrides = {"val_dataset.dataset_root": data_root} if data_root else None
+    return load_config(path, overrides)
+
+
+def load_weights(model, weights: str) -> None:
+    """A ``.pdparams`` (plain state dict, or a dict with a ``model`` state dict) or a checkpoint directory holding
+    ``model.pdparams``; loaded strictly."""
+    import paddle
+
+    from ..checkpoint import strict_load
+
+    path = weights
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.pdparams")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights {weights} not found (a .pdparams file or a checkpoint directory with "
+                                f"model.pdparams)")
+    sd = paddle.load(path)
+    if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
+        sd = sd["model"]
+    strict_load(model, sd, source=path)
+
+
+def build_model(cfg, weights: Optional[str]):
+    model = cfg.build_model()
+    if weights:
+        load_weights(model, weights)
+    model.eval()
+    return model
+
+
+def normalize_from_config(cfg, section: str = "val_dataset") -> Tuple[tuple, tuple, bool]:
+    """(mean, std, to_bgr) of the config's ``Normalize`` transform (val, else train), else semseg's defaults."""
+    from ..transforms import SEMSEG_MEAN, SEMSEG_STD
+
+    for sec in (section, "train_dataset"):
+        for t in (cfg.raw.get(sec) or {}).get("transforms", []) or []:
+            if isinstance(t, dict) and t.get("type") == "Normalize":
+                return (tuple(t.get("mean", SEMSEG_MEAN)), tuple(t.get("std", SEMSEG_STD)), bool(t.get("to_bgr", False)))
+    return SEMSEG_MEAN, SEMSEG_STD, False
+
+
+def dataset_type(cfg) -> str:
+    for sec in ("val_dataset", "train_dataset"):
+        if sec in cfg.raw:
+            return cfg.raw[sec].get("type", "")
+    return ""
+
+
+def palette_name(dtype: str) -> str:
+    return "cityscapes" if dtype == "Cityscapes" else "voc"
+
+
+def fail(prog: str, e: BaseException) -> int:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2

@@ -1,0 +1,53 @@
+"""``segtwin export`` / ``python -m paddle_impl.engine.export``: static inference model for ``paddle.inference``.
+
+    python -m paddle_impl.engine.export --config CFG --weights W --out out/pspnet [--input-size 1,3,513,513]
+
+Writes PREFIX.json (Paddle 3; .pdmodel with older Paddle) + PREFIX.pdiparams + PREFIX.deploy.json (input shape,
+normalisation, palette, class count: what ``segtwin infer`` needs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from . import _cli
+
+PROG = "segtwin export"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Export a Paddle segmentation model (fixed input shape).")
+    p.add_argument("--config", required=True)
+    p.add_argument("--weights", default=None)
+    p.add_argument("--out", required=True, help="output prefix, e.g. out/pspnet")
+    p.add_argument("--input-size", default="1,3,513,513", help="N,C,H,W of the exported graph (default 1,3,513,513;"
+                   " PSPNet needs (H-1)%%8 == 0)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from .exporter import export, parse_input_size
+
+        shape = parse_input_size(args.input_size)
+        cfg = _cli.load_cfg(args.config)
+        model = _cli.build_model(cfg, args.weights)
+        files = export(model, args.out, shape)
+        mean, std, to_bgr = _cli.normalize_from_config(cfg)
+        deploy = {"model_type": cfg.model_type, "num_classes": cfg.num_classes, "input_shape": list(shape),
+                  "normalize": {"mean": list(mean), "std": list(std), "to_bgr": to_bgr},
+                  "palette": _cli.palette_name(_cli.dataset_type(cfg)),
+                  "custom_ops": cfg.model_type in ("psanet",), "model": files["model"], "params": files["params"]}
+        with open(args.out + ".deploy.json", "w") as f:
+            json.dump(deploy, f, indent=1)
+        print(f"exported {files['model']} + {files['params']} (input {'x'.join(map(str, shape))})")
+    except (OSError, ValueError, KeyError) as e:
+        return _cli.fail(PROG, e)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
