@@ -26,15 +26,19 @@ def _shape(v) -> tuple:
     return tuple(int(s) for s in (v.shape if hasattr(v, "shape") else np.shape(v)))
 
 
-def check_state_dict(layer, state_dict, source: str = "<state_dict>") -> None:
-    """Raise StateDictMismatch unless `state_dict` has exactly the layer's keys with the same shapes."""
-    own = layer.state_dict()
+def check_keys(own, state_dict, source: str = "<state_dict>") -> None:
+    """Raise StateDictMismatch unless `state_dict` has exactly the keys of `own` (a dict) with the same shapes."""
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     mis_shaped = [(k, _shape(state_dict[k]), _shape(own[k])) for k in own
                   if k in state_dict and _shape(state_dict[k]) != _shape(own[k])]
     if missing or unexpected or mis_shaped:
         raise StateDictMismatch(source, missing, unexpected, mis_shaped)
+
+
+def check_state_dict(layer, state_dict, source: str = "<state_dict>") -> None:
+    """Raise StateDictMismatch unless `state_dict` has exactly the layer's keys with the same shapes."""
+    check_keys(layer.state_dict(), state_dict, source)
 
 
 def strict_load(layer, state_dict, source: str = "<state_dict>") -> None:

@@ -280,15 +280,9 @@ class Config:
 def load_backbone(model, state_dict, source: str = "<state_dict>") -> None:
     """Load every non-head parameter/buffer of ``model`` from ``state_dict`` (strict on those keys: none missing,
     none unexpected, same shapes); the heads (``model.head_prefixes``) keep their initialisation."""
-    from .checkpoint import StateDictMismatch, _shape
+    from .checkpoint import check_keys
     heads = tuple(getattr(model, "head_prefixes", ()))
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith(heads)}
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    mis_shaped = [(k, _shape(state_dict[k]), _shape(own[k])) for k in own
-                  if k in state_dict and _shape(state_dict[k]) != _shape(own[k])]
-    if missing or unexpected or mis_shaped:
-        raise StateDictMismatch(source, missing, unexpected, mis_shaped)
+    check_keys({k: v for k, v in model.state_dict().items() if not k.startswith(heads)}, state_dict, source)
     full = dict(model.state_dict())  # the heads load their own values: no "skip loading" warnings
     full.update(state_dict)
     model.set_state_dict(full)
