@@ -26,6 +26,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--steps", default="forward,loss,backward,metric",
                    help="comma-separated subset of forward,loss,backward,metric")
     p.add_argument("--num-classes", type=int, help="class count (default: from the checkpoint, the dataset, or 19)")
+    p.add_argument("--cfg", action="append", default=[], metavar="KEY=VALUE",
+                   help="model config for both twins, repeatable (e.g. --cfg psa_type=0 --cfg mask_size=59 "
+                        "--cfg psa_impl=tensor)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads for BOTH frameworks (default: $OMP_NUM_THREADS or 4)")
     p.add_argument("--free-run", action="store_true", help="backward step without lockstep: rounding differences "
@@ -40,7 +43,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
 
 def main_from_args(args) -> int:
     from .logutil import get_logger
-    from .runner import AlignmentSetupError, run
+    from .runner import AlignmentSetupError, parse_model_cfg, run
 
     log = get_logger("segtwin.align")
     import torch_ref
@@ -52,12 +55,18 @@ def main_from_args(args) -> int:
         log.error("--weights belongs to one model; use it without --all")
         return 2
     models = sorted(torch_ref.MODELS) if args.all else [args.model]
+    try:
+        model_cfg = parse_model_cfg(args.cfg)
+    except AlignmentSetupError as e:
+        log.error("%s", e)
+        return 2
     verdicts = []
     for name in models:
         try:
             v = run(name, weights=args.weights, out=args.out, data=args.data, input_size=args.input_size,
                     iters=args.iters, steps=[s.strip() for s in args.steps.split(",") if s.strip()],
                     seed=args.seed, num_classes=args.num_classes, threads=args.threads, trace=not args.no_trace, lockstep=not args.free_run,
+                    model_cfg=model_cfg,
                     full_artifacts=args.full_artifacts)
         except (AlignmentSetupError, FileNotFoundError, KeyError) as e:
             log.error("%s: %s", name, e.args[0] if e.args else e)

@@ -41,6 +41,19 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def parse_model_cfg(items) -> dict:
+    """['psa_type=0', 'compact=true', 'mask_size=59'] -> {'psa_type': 0, 'compact': True, 'mask_size': 59}."""
+    import yaml
+
+    cfg = {}
+    for item in items or ():
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise AlignmentSetupError(f"--cfg takes KEY=VALUE, got {item!r}")
+        cfg[key.strip()] = yaml.safe_load(value)
+    return cfg
+
+
 def parse_input_size(text) -> tuple:
     if isinstance(text, (tuple, list)):
         vals = tuple(int(v) for v in text)
@@ -123,7 +136,7 @@ def _data_batch(data: Path, size, name_hint: Optional[str] = None):
 
 def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=None, seed: int = 0,
             num_classes: Optional[int] = None, threads: Optional[int] = None, policy: Optional[Policy] = None,
-            iters: int = 3) -> tuple:
+            iters: int = 3, model_cfg: Optional[dict] = None) -> tuple:
     """Build both twins from the same official-format weights and the shared batch. Returns (ctx, provenance)."""
     with root_logger_guard():
         import paddle  # noqa: F401  (import under the guard: it attaches root-logger handlers)
@@ -155,7 +168,10 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
     wdir = out_dir / "weights"
     if weights is None:
         nc = num_classes or data_classes or DEFAULT_NUM_CLASSES
-        model = torch_ref.build_model(name, num_classes=nc)
+        try:
+            model = torch_ref.build_model(name, num_classes=nc, **(model_cfg or {}))
+        except (TypeError, ValueError) as e:
+            raise AlignmentSetupError(f"{name}: cannot build the model with {model_cfg or {}}: {e}") from None
         _check_size(model, size)
         # BN statistics from a larger batch than the aligned one: with N=2 the 1x1 pyramid branch would get a
         # running variance from 2 values per channel, and eval-mode BN dividing by that near-zero std amplifies
@@ -168,7 +184,9 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
         src = Path(weights)
         if not src.is_file():
             raise AlignmentSetupError(f"--weights {src}: no such file")
-    cfg = {"num_classes": num_classes} if num_classes else {}
+    cfg = dict(model_cfg or {})
+    if num_classes:
+        cfg["num_classes"] = num_classes
     torch_model = torch_ref.load_official(name, src, **cfg)
     _check_size(torch_model, size)
     nc = torch_model.num_classes
@@ -195,6 +213,8 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
         "python": sys.version.split()[0], "platform": platform.platform(), "device": "cpu",
         "threads": n_threads, "flags": flags, "seed": seed, "input_shape": list(images.shape),
         "inputs": inputs_note, "num_classes": nc, "iters": iters, "train_dtype": "float64",
+        "model_cfg": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+                      for k, v in (model_cfg or {}).items()},
         "lockstep": True, "forward_dtype": "float32",
         "weights": str(src), "weights_sha256": _sha256(Path(src)), "random_weights": weights is None,
         "pdparams": str(dst), "git_commit": _git_commit(), "policy": policy.source if hasattr(policy, "source")
@@ -227,7 +247,8 @@ def _first_divergent(step: str, res: StepResult, fwd, bwd) -> Optional[str]:
 def run(name: str, weights=None, out="segtwin_out", data=None, input_size=None, iters: int = 3,
         steps: Sequence[str] = ("forward", "loss", "backward", "metric"), seed: int = 0,
         num_classes: Optional[int] = None, threads: Optional[int] = None, policy: Optional[Policy] = None,
-        trace: bool = True, full_artifacts: bool = False, progress: bool = True, lockstep: bool = True) -> dict:
+        trace: bool = True, full_artifacts: bool = False, progress: bool = True, lockstep: bool = True,
+        model_cfg: Optional[dict] = None) -> dict:
     """Align the Paddle twin of `name` against its torch reference. Returns the verdict dict; `verdict['passed']`
     is True only when every requested step passed under the tolerance policy."""
     from tqdm import tqdm
@@ -242,7 +263,8 @@ def run(name: str, weights=None, out="segtwin_out", data=None, input_size=None, 
     steps = [s for s in ORDER if s in steps]
     t0 = time.time()
     ctx, provenance = prepare(name, weights=weights, out=out, data=data, input_size=input_size, seed=seed,
-                              num_classes=num_classes, threads=threads, policy=policy, iters=iters)
+                              num_classes=num_classes, threads=threads, policy=policy, iters=iters,
+                              model_cfg=model_cfg)
     ctx.lockstep = lockstep
     provenance["lockstep"] = lockstep
     results = {}

@@ -8,14 +8,16 @@
 """
 from __future__ import annotations
 
-from .models import pspnet
+from .models import psanet, pspnet
 
 MODELS = {
     "pspnet": pspnet.build,
+    "psanet": psanet.build,
 }
 
 CONFIG_FROM_WEIGHTS = {
     "pspnet": pspnet.infer_config,
+    "psanet": psanet.infer_config,
 }
 
 

@@ -104,3 +104,21 @@ def init_kaiming_(module: nn.Layer) -> None:
         elif isinstance(m, BatchNorm2d):
             m.weight.set_value(paddle.ones_like(m.weight))
             m.bias.set_value(paddle.zeros_like(m.bias))
+
+
+def reshape(x, shape):
+    return paddle.reshape(x, list(shape))
+
+
+def bmm(a, b):
+    """Batched matrix product (N, n, k) @ (N, k, m) -> (N, n, m)."""
+    return paddle.bmm(a, b)
+
+
+def softmax(x, dim: int):
+    return F.softmax(x, axis=dim)
+
+
+def swap_dims_1_2(x):
+    """(N, A, B) -> (N, B, A)."""
+    return paddle.transpose(x, [0, 2, 1])

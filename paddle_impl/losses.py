@@ -12,6 +12,7 @@ import paddle.nn.functional as F
 # model name -> weights of its output terms, in the order the model returns them in training mode.
 LOSS_TERMS = {
     "pspnet": (("main", 1.0), ("aux", 0.4)),   # semseg: main_loss + aux_weight * aux_loss, aux_weight 0.4
+    "psanet": (("main", 1.0), ("aux", 0.4)),   # semseg: same criterion and aux weight
 }
 
 

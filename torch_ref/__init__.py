@@ -8,15 +8,17 @@
 """
 from __future__ import annotations
 
-from .models import pspnet
+from .models import psanet, pspnet
 
 MODELS = {
     "pspnet": pspnet.build,
+    "psanet": psanet.build,
 }
 
 # name -> function(state_dict) -> cfg read off an official checkpoint (class count, depth, ...)
 CONFIG_FROM_WEIGHTS = {
     "pspnet": pspnet.infer_config,
+    "psanet": psanet.infer_config,
 }
 
 

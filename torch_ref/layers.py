@@ -53,3 +53,21 @@ def init_kaiming_(module: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.constant_(m.weight, 1.0)
             nn.init.constant_(m.bias, 0.0)
+
+
+def reshape(x, shape):
+    return x.reshape(list(shape))
+
+
+def bmm(a, b):
+    """Batched matrix product (N, n, k) @ (N, k, m) -> (N, n, m)."""
+    return torch.bmm(a, b)
+
+
+def softmax(x, dim: int):
+    return F.softmax(x, dim=dim)
+
+
+def swap_dims_1_2(x):
+    """(N, A, B) -> (N, B, A)."""
+    return x.transpose(1, 2)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 # model name -> upstream checkpoint flavour
-FORMATS = {"pspnet": "semseg"}
+FORMATS = {"pspnet": "semseg", "psanet": "semseg"}
 
 
 def official_state(name: str, model) -> dict:

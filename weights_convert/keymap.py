@@ -172,14 +172,20 @@ def _resnet_depth_from_keys(shapes: Mapping[str, tuple]) -> dict:
     return {} if depth is None else {"layers": depth}
 
 
-KEYMAPS = {
-    "pspnet": ModelKeymap(
-        model="pspnet",
-        renames=(),  # identity: the twin keeps semseg's names (BN renames only)
+def _semseg_keymap(name: str) -> ModelKeymap:
+    """semseg's models (PSPNet, PSANet): the twin keeps semseg's names, so BN renames only."""
+    return ModelKeymap(
+        model=name,
+        renames=(),
         partial_aliases={"backbone": ("layer0.", "layer1.", "layer2.", "layer3.", "layer4.")},
         flavours=(SEMSEG_IMAGENET_RESNET,),
         infer_partial_config=_resnet_depth_from_keys,
-    ),
+    )
+
+
+KEYMAPS = {
+    "pspnet": _semseg_keymap("pspnet"),
+    "psanet": _semseg_keymap("psanet"),
 }
 
 
