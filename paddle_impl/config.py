@@ -38,7 +38,10 @@ SCHEMA: Dict[str, Any] = {
     "batch_size": int, "iters": int, "seed": int,
     "train_dataset": _DATASET, "val_dataset": _DATASET,
     "model": {"type": str, "num_classes": int, "pretrained": str, "backbone_pretrained": str, "layers": int, "bins": list, "dropout": _NUM,
-              "zoom_factor": int, "bn_momentum": _NUM},
+              "zoom_factor": int, "bn_momentum": _NUM,
+              # PSANet (paddle_impl/models/psanet.py)
+              "psa_type": int, "compact": bool, "shrink_factor": int, "mask_size": (int, list), "crop": int,
+              "normalization_factor": _NUM, "psa_softmax": bool, "psa_impl": str},
     "optimizer": {"type": str, "momentum": _NUM, "weight_decay": _NUM, "head_lr_mult": _NUM, "beta1": _NUM,
                   "beta2": _NUM, "epsilon": _NUM, "grad_clip": _NUM},
     "lr_scheduler": {"type": str, "learning_rate": _NUM, "power": _NUM, "end_lr": _NUM, "milestones": list,
