@@ -18,6 +18,7 @@ from .policy import Policy
 DEFAULT_INPUT_SIZE = (2, 3, 65, 65)
 DEFAULT_NUM_CLASSES = 19
 CALIBRATION_BATCH = 16
+CALIBRATION_MAX_SIDE = 129  # satisfies semseg's (H-1) % 8 == 0
 log = get_logger("segtwin.align")
 
 
@@ -176,7 +177,9 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
         # BN statistics from a larger batch than the aligned one: with N=2 the 1x1 pyramid branch would get a
         # running variance from 2 values per channel, and eval-mode BN dividing by that near-zero std amplifies
         # rounding ~1e8-fold (measured in the float64 trace at 2x3x33x33), which no trained checkpoint does.
-        calib, _, _ = _synthetic_batch((max(CALIBRATION_BATCH, size[0]),) + tuple(size[1:]), nc, seed + 1)
+        # Large inputs are calibrated at a capped size (BN statistics are per channel; this keeps 16 images cheap).
+        ch, cw = min(size[2], CALIBRATION_MAX_SIDE), min(size[3], CALIBRATION_MAX_SIDE)
+        calib, _, _ = _synthetic_batch((max(CALIBRATION_BATCH, size[0]), size[1], ch, cw), nc, seed + 1)
         _calibrate_bn(model, torch.from_numpy(calib))
         src = save_official(name, model, wdir / f"{name}_random_official.pth")
         del model

@@ -66,6 +66,7 @@ CASES = [
     ({"psa_type": 1, "mask_size": 3, "psa_impl": "tensor"}, "2,3,33,33"),
     ({"psa_type": 2, "mask_size": 3, "psa_impl": "tensor"}, "2,3,33,33"),
     ({"psa_type": 2}, "2,3,65,65"),  # the default mask 59 at the default test size
+    ({"psa_type": 2, "mask_size": 89}, "2,3,33,33"),  # semseg's Cityscapes mask (crop 705)
     ({"psa_type": 2, "compact": True, "crop": 33}, "2,3,33,33"),
 ]
 
@@ -80,8 +81,10 @@ def test_psanet_aligns_forward_loss_backward(tmp_path, cfg, size):
 
 
 def test_seed_mask_on_a_map_it_does_not_cover(tmp_path):
-    """The seed's 59x59 mask on a 32x64 (shrunken 17x33) grid: rows covered, columns not."""
-    v = alignment.run("psanet", out=str(tmp_path), input_size="2,3,257,513", steps=("forward",), threads=2,
+    """The seed's 59x59 mask on its shrunken grid. Its 1024x512 crops give 32x64 there; the semseg twin needs odd
+    sizes, so 513x1025 -> feature 65x129 -> shrunken 33x65, the nearest valid grid. Full coverage would need a 65x129
+    window, so the 59x59 mask covers neither direction -- as on the seed's grid (which would need 63x127)."""
+    v = alignment.run("psanet", out=str(tmp_path), input_size="2,3,513,1025", steps=("forward",), threads=2,
                       progress=False, trace=False, model_cfg={"mask_size": 59})
     assert v["passed"], v["steps"]["forward"]["worst"]
 
