@@ -21,20 +21,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .context import StepResult
+from .context import StepResult, artifact_value as _artifact_value
 from .logutil import root_logger_guard
-
-FULL_MAX = 1 << 18
-SAMPLE = 1 << 14
-
-
-def _artifact_value(a: np.ndarray, full: bool) -> np.ndarray:
-    a = np.asarray(a)
-    if full or a.size <= FULL_MAX:
-        return a
-    idx = np.linspace(0, a.size - 1, SAMPLE).astype(np.int64)
-    return a.reshape(-1)[idx]
-
 
 def write_step(out: Path, res: StepResult, full: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """`alignment.run(name, ...)`: the whole alignment of one model, returning the verdict dict (also verdict.json)."""
 from __future__ import annotations
 
+import gc
 import hashlib
 import platform
 import subprocess
@@ -102,6 +103,21 @@ def _calibrate_bn(model, x) -> None:
     model.eval()
 
 
+def _wake_zero_init(model, seed: int) -> list:
+    """Give the model's zero-initialised branch scales (`zero_init_params`, e.g. DANet's attention gammas) values
+    drawn from U(0.5, 1.5): at zero they switch their whole branch off, so neither the forward outputs nor a bug in
+    the branch would show in the comparison (a trained checkpoint has them non-zero). Returns the names set."""
+    import torch
+
+    names = list(getattr(model, "zero_init_params", ()))
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(0.5 + torch.rand(params[n].shape, generator=gen, dtype=torch.float64).to(params[n].dtype))
+    return names
+
+
 def _synthetic_batch(size, num_classes, seed):
     rng = np.random.default_rng(seed)
     n, c, h, w = size
@@ -174,6 +190,7 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
         except (TypeError, ValueError) as e:
             raise AlignmentSetupError(f"{name}: cannot build the model with {model_cfg or {}}: {e}") from None
         _check_size(model, size)
+        _wake_zero_init(model, seed)
         # BN statistics from a larger batch than the aligned one: with N=2 the 1x1 pyramid branch would get a
         # running variance from 2 values per channel, and eval-mode BN dividing by that near-zero std amplifies
         # rounding ~1e8-fold (measured in the float64 trace at 2x3x33x33), which no trained checkpoint does.
@@ -268,6 +285,7 @@ def run(name: str, weights=None, out="segtwin_out", data=None, input_size=None, 
     ctx, provenance = prepare(name, weights=weights, out=out, data=data, input_size=input_size, seed=seed,
                               num_classes=num_classes, threads=threads, policy=policy, iters=iters,
                               model_cfg=model_cfg)
+    ctx.full_artifacts = full_artifacts
     ctx.lockstep = lockstep
     provenance["lockstep"] = lockstep
     results = {}
@@ -325,4 +343,10 @@ def run(name: str, weights=None, out="segtwin_out", data=None, input_size=None, 
         log.error("%s: forward trace: first divergent module: %s", name, fwd.first_divergent)
     if bwd and bwd.first_divergent:
         log.error("%s: backward trace: first divergent module: %s", name, bwd.first_divergent)
+    # The models (four copies: float32 and float64 on both sides) and the step logs are released here, not at
+    # some later cyclic-garbage pass: Paddle layers sit in reference cycles, and a test session or `--all` running
+    # several alignments would otherwise hold every previous run's weights (measured: +6 GB per PSANet run).
+    ctx._models.clear()
+    del ctx, results, fwd, bwd
+    gc.collect()
     return verdict

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 
-from conftest import set_threads
+from conftest import model_twins, paddle_step, set_threads, torch_step
 
 SIZE = tuple(int(v) for v in os.environ.get("SEGTWIN_BENCH_PSANET_SIZE", "1,3,465,465").split(","))
 SEED_SHAPE = (1, 59 * 59, 33, 65)
@@ -19,39 +18,7 @@ SEED_SHAPE = (1, 59 * 59, 33, 65)
 
 @pytest.fixture(scope="module")
 def twins():
-    import torch
-
-    import paddle_impl
-    import torch_ref
-    from alignment.context import paddle_key
-    from paddle_impl.checkpoint import strict_load
-
-    set_threads()
-    torch.manual_seed(0)
-    tm = torch_ref.build_model("psanet", num_classes=19, crop=SIZE[2]).eval()
-    pm = paddle_impl.build_model("psanet", num_classes=19, crop=SIZE[2])
-    strict_load(pm, {paddle_key(k): v.numpy() for k, v in tm.state_dict().items() if paddle_key(k)})
-    pm.eval()
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal(SIZE).astype(np.float32)
-    y = rng.integers(0, 19, (SIZE[0],) + SIZE[2:]).astype(np.int64)
-    return tm, pm, x, y
-
-
-def _torch_step(tm, x, y):
-    import torch
-    import torch.nn.functional as F
-
-    tm.zero_grad(set_to_none=True)
-    F.cross_entropy(tm(torch.from_numpy(x)), torch.from_numpy(y), ignore_index=255).backward()
-
-
-def _paddle_step(pm, x, y):
-    import paddle
-    import paddle.nn.functional as F
-
-    pm.clear_gradients()
-    F.cross_entropy(pm(paddle.to_tensor(x)), paddle.to_tensor(y), ignore_index=255, axis=1).backward()
+    return model_twins("psanet", SIZE, crop=SIZE[2])
 
 
 @pytest.mark.benchmark(group="psanet-fwd-bwd")
@@ -59,14 +26,14 @@ def test_torch_psanet(benchmark, twins):
     tm, _, x, y = twins
     benchmark.extra_info["baseline"] = True
     benchmark.extra_info["threads"] = set_threads()
-    benchmark.pedantic(_torch_step, args=(tm, x, y), rounds=2, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(torch_step, args=(tm, x, y), rounds=2, iterations=1, warmup_rounds=1)
 
 
 @pytest.mark.benchmark(group="psanet-fwd-bwd")
 def test_paddle_psanet(benchmark, twins):
     _, pm, x, y = twins
     benchmark.extra_info["threads"] = set_threads()
-    benchmark.pedantic(_paddle_step, args=(pm, x, y), rounds=2, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(paddle_step, args=(pm, x, y), rounds=2, iterations=1, warmup_rounds=1)
 
 
 @pytest.mark.benchmark(group="psanet-op-share-seed-shape")
@@ -80,7 +47,7 @@ def test_torch_psanet_seed_shape(benchmark):
     x = torch.randn(1, 3, 513, 1025)
     y = torch.randint(0, 19, (1, 513, 1025))
     benchmark.extra_info["baseline"] = True
-    benchmark.pedantic(_torch_step, args=(m, x.numpy(), y.numpy()), rounds=1, iterations=1, warmup_rounds=0)
+    benchmark.pedantic(torch_step, args=(m, x.numpy(), y.numpy()), rounds=1, iterations=1, warmup_rounds=0)
 
 
 @pytest.mark.benchmark(group="psanet-op-share-seed-shape")

@@ -33,7 +33,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         base = next((b for b in benches if b.extra_info.get("baseline")), None)
         if base is None or not base.stats or not base.stats.median:
             continue
-        lines.append(f"[{group}] baseline {base.name}: median {base.stats.median * 1e3:.3f} ms")
+        lines.append(f"[{group}] baseline {base.name}: median {base.stats.median * 1e3:.3f} ms"
+                     + "".join(f"  {k}={v}" for k, v in base.extra_info.items() if k != "baseline"))
         for b in benches:
             if b is base or not b.stats:
                 continue
@@ -43,3 +44,50 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_sep("=", "segtwin ratios (same run, same thread count)")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+def model_twins(name: str, size, num_classes: int = 19, **cfg):
+    """(torch model, Paddle twin with the same weights, input x, labels y) for a forward+backward benchmark.
+
+    Both in eval mode (a batch of one cannot run training-mode BN in small-map branches; dropout off), weights
+    copied from torch to Paddle through the converter's key rule, seeded input and labels."""
+    import numpy as np
+    import torch
+
+    import paddle_impl
+    import torch_ref
+    from alignment.context import paddle_key
+    from paddle_impl.checkpoint import strict_load
+
+    set_threads()
+    torch.manual_seed(0)
+    tm = torch_ref.build_model(name, num_classes=num_classes, **cfg).eval()
+    pm = paddle_impl.build_model(name, num_classes=num_classes, **cfg)
+    strict_load(pm, {paddle_key(k): v.numpy() for k, v in tm.state_dict().items() if paddle_key(k)})
+    pm.eval()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(size).astype(np.float32)
+    y = rng.integers(0, num_classes, (size[0],) + tuple(size[2:])).astype(np.int64)
+    return tm, pm, x, y
+
+
+def torch_step(tm, x, y) -> float:
+    """One forward + cross-entropy on the main logits + backward of the torch model."""
+    import torch
+    import torch.nn.functional as F
+
+    tm.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(tm(torch.from_numpy(x)), torch.from_numpy(y), ignore_index=255)
+    loss.backward()
+    return float(loss.detach())
+
+
+def paddle_step(pm, x, y) -> float:
+    """The same step on the Paddle twin."""
+    import paddle
+    import paddle.nn.functional as F
+
+    pm.clear_gradients()
+    loss = F.cross_entropy(pm(paddle.to_tensor(x)), paddle.to_tensor(y), ignore_index=255, axis=1)
+    loss.backward()
+    return float(loss.detach())

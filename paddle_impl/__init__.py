@@ -8,16 +8,18 @@
 """
 from __future__ import annotations
 
-from .models import psanet, pspnet
+from .models import danet, psanet, pspnet
 
 MODELS = {
     "pspnet": pspnet.build,
     "psanet": psanet.build,
+    "danet": danet.build,
 }
 
 CONFIG_FROM_WEIGHTS = {
     "pspnet": pspnet.infer_config,
     "psanet": psanet.infer_config,
+    "danet": danet.infer_config,
 }
 
 

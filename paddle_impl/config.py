@@ -6,7 +6,7 @@
 Top-level keys (see docs/training.md for all of them)::
 
     batch_size iters seed train_dataset val_dataset model optimizer lr_scheduler loss
-    log_iters eval_iters save_iters keep_checkpoints num_workers amp
+    log_iters eval_iters save_iters keep_checkpoints num_workers amp test_config
 
 Every key is validated against ``SCHEMA``: an unknown key is an error naming the file and the key path, with the
 closest valid key suggested (``pspnet.yml: unknown key 'optimiser' in <root>; did you mean 'optimizer'?``).
@@ -33,6 +33,8 @@ _DATASET = {
     "type": str, "dataset_root": str, "split": str, "mode": str, "list_file": str, "label_dir": str,
     "reduce_zero_label": bool, "year": int, "transforms": list, "num_classes": int, "ignore_index": int,
 }
+_TEST = {"protocol": str, "is_slide": bool, "crop_size": (int, list), "stride": (int, list), "flip_horizontal": bool,
+         "scales": (list, int, float), "base_size": int}
 #: key -> python type(s) of the value, or a nested schema dict. Anything not here is rejected.
 SCHEMA: Dict[str, Any] = {
     "batch_size": int, "iters": int, "seed": int,
@@ -41,7 +43,9 @@ SCHEMA: Dict[str, Any] = {
               "zoom_factor": int, "bn_momentum": _NUM,
               # PSANet (paddle_impl/models/psanet.py)
               "psa_type": int, "compact": bool, "shrink_factor": int, "mask_size": (int, list), "crop": int,
-              "normalization_factor": _NUM, "psa_softmax": bool, "psa_impl": str},
+              "normalization_factor": _NUM, "psa_softmax": bool, "psa_impl": str,
+              # DANet (paddle_impl/models/danet.py): dilations of layer4's blocks, e.g. [4, 8, 16]
+              "multi_grid": list},
     "optimizer": {"type": str, "momentum": _NUM, "weight_decay": _NUM, "head_lr_mult": _NUM, "beta1": _NUM,
                   "beta2": _NUM, "epsilon": _NUM, "grad_clip": _NUM},
     "lr_scheduler": {"type": str, "learning_rate": _NUM, "power": _NUM, "end_lr": _NUM, "milestones": list,
@@ -49,6 +53,9 @@ SCHEMA: Dict[str, Any] = {
     "loss": {"types": list, "coef": list},
     "log_iters": int, "eval_iters": int, "save_iters": int, "keep_checkpoints": int, "num_workers": int,
     "amp": bool, "save_dir": str,
+    # test-time options of `segtwin eval` / `segtwin predict` (PaddleSeg's spelling + protocol/base_size; see
+    # Config.test_options and docs/evaluation.md); `ms` holds the keys that differ for multi-scale (`--ms`)
+    "test_config": dict(_TEST, ms=_TEST),
 }
 _REQUIRED = ("batch_size", "iters", "train_dataset", "model", "optimizer", "lr_scheduler")
 DEFAULTS = {"seed": 0, "log_iters": 10, "eval_iters": 1000, "save_iters": 1000, "keep_checkpoints": 5,
@@ -130,6 +137,10 @@ class Config:
             if len(coef) != len(terms):
                 raise ConfigError(f"{self.file}: loss.coef has {len(coef)} values, model {mtype} has "
                                   f"{len(terms)} loss terms ({', '.join(t for t, _ in terms)})")
+        for ms in (False, True):
+            if ms and "ms" not in raw.get("test_config", {}):
+                continue
+            self.test_options(ms=ms)  # raises ConfigError naming the key
         if "learning_rate" not in raw["lr_scheduler"]:
             raise ConfigError(f"{self.file}: missing required key lr_scheduler.learning_rate")
         try:
@@ -166,6 +177,64 @@ class Config:
         if coef is None:
             return {t: float(w) for t, w in terms}
         return {t: float(c) for (t, _), c in zip(terms, coef)}
+
+    def test_options(self, ms: bool = False) -> Dict[str, Any]:
+        """Keyword arguments of ``engine.evaluator.evaluate`` / ``predict_logits`` from the optional ``test_config``
+        section (``ms=True``: with ``test_config.ms`` laid over it); ``{}`` without the section.
+
+        ``protocol`` (semseg | danet), ``is_slide`` (mode slide/whole), ``crop_size`` / ``stride`` (an int, or
+        ``[W, H]`` in PaddleSeg's order), ``flip_horizontal``, ``scales`` (a number or a list), ``base_size``."""
+        from .engine.evaluator import PROTOCOLS
+        tc = dict(self.raw.get("test_config") or {})
+        where = "test_config"
+        sub = tc.pop("ms", None)
+        if ms:
+            if sub is None:
+                raise ConfigError(f"{self.file}: multi-scale evaluation asked for, but the config has no "
+                                  f"test_config.ms section")
+            tc.update(sub)
+            where = "test_config(.ms)"
+        kw: Dict[str, Any] = {}
+        protocol = tc.get("protocol", "semseg")
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"{self.file}: {where}.protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
+        if "protocol" in tc:
+            kw["protocol"] = protocol
+
+        def wh(key):  # PaddleSeg writes sizes as [W, H]; the evaluator takes (H, W)
+            v = tc[key]
+            if isinstance(v, list):
+                if len(v) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
+                    raise ConfigError(f"{self.file}: {where}.{key} must be a positive int or [W, H], got {v!r}")
+                return (v[1], v[0])
+            if isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{self.file}: {where}.{key} must be a positive int or [W, H], got {v!r}")
+            return v
+
+        if "crop_size" in tc:
+            kw["crop"] = wh("crop_size")
+        if "stride" in tc:
+            kw["stride"] = wh("stride")
+        if tc.get("is_slide"):
+            if "crop_size" not in tc:
+                raise ConfigError(f"{self.file}: {where}.is_slide needs {where}.crop_size")
+            kw["mode"] = "slide"
+        elif "is_slide" in tc:
+            kw["mode"] = "whole"
+        if protocol == "danet" and "crop_size" not in tc:
+            raise ConfigError(f"{self.file}: {where}.protocol danet needs {where}.crop_size")
+        if "flip_horizontal" in tc:
+            kw["flip"] = bool(tc["flip_horizontal"])
+        if "scales" in tc:
+            scales = tc["scales"] if isinstance(tc["scales"], list) else [tc["scales"]]
+            if not scales or not all(isinstance(x, _NUM) and not isinstance(x, bool) and x > 0 for x in scales):
+                raise ConfigError(f"{self.file}: {where}.scales must be positive numbers, got {tc['scales']!r}")
+            kw["scales"] = tuple(float(x) for x in scales)
+        if "base_size" in tc:
+            if tc["base_size"] <= 0:
+                raise ConfigError(f"{self.file}: {where}.base_size must be positive, got {tc['base_size']!r}")
+            kw["base_size"] = int(tc["base_size"])
+        return kw
 
     # ------------------------------------------------------------------------------------------------ builders
     def build_model(self):

@@ -122,3 +122,24 @@ def softmax(x, dim: int):
 def swap_dims_1_2(x):
     """(N, A, B) -> (N, B, A)."""
     return paddle.transpose(x, [0, 2, 1])
+
+
+def sizes(x) -> tuple:
+    """Every dimension of a tensor as python ints."""
+    return tuple(int(d) for d in x.shape)
+
+
+def zeros_parameter(module, shape):
+    """A trainable parameter of `shape` initialised to zeros (assign it to an attribute of `module`)."""
+    return module.create_parameter(list(shape), default_initializer=nn.initializer.Constant(0.0))
+
+
+def row_max(x):
+    """max over the last axis, keepdim (N, A, B) -> (N, A, 1). Paddle's gradient goes to every tied maximum (torch's
+    to one index); the two agree whenever the row maximum is unique."""
+    return paddle.max(x, axis=-1, keepdim=True)
+
+
+def relabel(target, old: int, new: int):
+    """Integer label map with every `old` value replaced by `new` (a new tensor)."""
+    return paddle.where(target == old, paddle.full_like(target, new), target)

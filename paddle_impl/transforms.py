@@ -13,6 +13,9 @@ The augmentations follow hszhao/semseg ``util/transform.py`` (reference/models.m
     -> RandomHorizontalFlip(0.5) -> RandomCrop(crop, pad mean / 255) -> Normalize(mean*255, std*255)
 
 (``semseg_train_transforms`` builds exactly this list; semseg works on float32 images, hence ``ToFloat32`` first.)
+PaddleSeg's transforms (``ResizeStepScaling``, ``RandomPaddingCrop``, ``RandomDistort``) and DANet's
+(``RandomResizeLong``: junfu1115/DANet's long-side rescale; ``RandomColorJitter``: torchvision ColorJitter with a
+probability) are here too.
 Padding/rotation must come BEFORE ``Normalize`` (their pad value is a pixel value).
 
 Randomness: each random transform owns a ``numpy.random.Generator`` (``rng=`` a Generator, an int seed, or None for
@@ -35,7 +38,7 @@ __all__ = [
     "TRANSFORMS", "build_transforms", "semseg_train_transforms", "semseg_val_transforms",
     "eval_batch", "reseed_worker",
     "ResizeStepScaling", "RandomPaddingCrop", "RandomDistort", "NORMALIZE_PRESETS", "TRANSFORM_ALIASES",
-    "WorkerSeeder", "seed_transforms",
+    "WorkerSeeder", "seed_transforms", "RandomResizeLong", "RandomColorJitter", "long_side_size",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -156,6 +159,14 @@ def _pad(image: np.ndarray, label: np.ndarray, h: int, w: int, pad_value, ignore
         img = img[:, :, None]
     lbl = np.pad(label, ((top, bottom), (left, right)), mode="constant", constant_values=ignore_index)
     return img, lbl
+
+
+def long_side_size(h: int, w: int, long_size: int) -> Tuple[int, int]:
+    """(H', W') with the LONG side ``long_size`` and the short side ``int(short * long_size / long + 0.5)`` (the
+    aspect kept, rounded half up as junfu1115/DANet does; a square image: both sides ``long_size``)."""
+    if h > w:
+        return int(long_size), max(1, int(w * long_size / h + 0.5))
+    return max(1, int(h * long_size / w + 0.5)), int(long_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -647,12 +658,153 @@ class RandomDistort(RandomTransform):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# DANet-style random transforms (junfu1115/DANet ``encoding/datasets/base.py`` ``_sync_transform`` semantics)
+
+class RandomResizeLong(RandomTransform):
+    """DANet's training rescale: the LONG side becomes ``L``, drawn uniformly from the integers
+    ``int(lo * base_size) .. int(hi * base_size)`` (both ends included, as Python's ``random.randint``); the short
+    side becomes ``int(short * L / long + 0.5)`` (``long_side_size``). Image with ``interp`` (linear), label nearest.
+
+    ``scale_range`` defaults to (0.75, 2.0) (the 2018 README recipe's range; the 2020 code uses 0.5). DANet resizes
+    with PIL (bilinear with an antialiasing support when shrinking); cv2's linear here does not antialias."""
+
+    def __init__(self, base_size: int, scale_range: Sequence[float] = (0.75, 2.0), interp: Union[str, int] = "linear",
+                 rng: RngLike = None):
+        super().__init__(rng)
+        if isinstance(base_size, bool) or not isinstance(base_size, (int, np.integer)) or base_size <= 0:
+            raise ValueError(f"base_size must be a positive int, got {base_size!r}")
+        try:
+            lo, hi = (float(v) for v in scale_range)
+        except (TypeError, ValueError):
+            raise ValueError(f"scale_range must be (lo, hi), got {scale_range!r}") from None
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_range must be 0 < lo <= hi, got {scale_range!r}")
+        self.base_size = int(base_size)
+        self.scale_range = (lo, hi)
+        if int(lo * self.base_size) < 1:
+            raise ValueError(f"scale_range lo {lo} x base_size {self.base_size} is below one pixel")
+        self.interp = interp
+        self._interp = _interp(interp)
+
+    @property
+    def long_range(self) -> Tuple[int, int]:
+        """(smallest, largest) long side, both included."""
+        lo, hi = self.scale_range
+        return int(lo * self.base_size), int(hi * self.base_size)
+
+    def __call__(self, image, label):
+        _check_pair(image, label)
+        lo, hi = self.long_range
+        long_size = int(self.rng.integers(lo, hi + 1))
+        nh, nw = long_side_size(*label.shape, long_size)
+        if (nh, nw) == label.shape:
+            return image, label
+        return _resize(image, label, nh, nw, self._interp)
+
+
+_GRAY = np.asarray((0.2989, 0.587, 0.114), np.float32)  # torchvision's rgb_to_grayscale weights
+
+
+def _jitter_range(value, name: str, center: Optional[float], bound: Tuple[float, float]):
+    """torchvision ``ColorJitter`` argument rule: a number v means ``[center - v, center + v]`` (clipped at the
+    bound's low end; hue: ``[-v, v]``), a pair is taken as is; the identity range gives None (op disabled)."""
+    if np.ndim(value) == 0:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number or (lo, hi), got {value!r}") from None
+        if v < 0:
+            raise ValueError(f"{name} must be non-negative, got {value!r}")
+        lo, hi = (center - v, center + v) if center is not None else (-v, v)
+        lo = max(lo, bound[0])
+    else:
+        try:
+            lo, hi = (float(x) for x in value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number or (lo, hi), got {value!r}") from None
+    if not bound[0] <= lo <= hi <= bound[1]:
+        raise ValueError(f"{name} range must satisfy {bound[0]} <= lo <= hi <= {bound[1]}, got ({lo}, {hi})")
+    identity = 0.0 if center is None else center
+    return None if lo == hi == identity else (lo, hi)
+
+
+class RandomColorJitter(RandomTransform):
+    """With probability ``p``, torchvision ``ColorJitter(brightness, contrast, saturation, hue)`` on an RGB image
+    (0..255 pixels, uint8 or float); the label is untouched.
+
+    Factors as in torchvision: a number b means a factor ``U(max(0, 1 - b), 1 + b)`` (hue h: a shift
+    ``U(-h, h)`` of a turn, ``h <= 0.5``), a pair ``(lo, hi)`` is the range itself; ``0`` (or ``(1, 1)``, hue
+    ``(0, 0)``) disables the op. The enabled ops run in a random order (a permutation of brightness, contrast,
+    saturation, hue, as torchvision), each clipped to [0, 255]:
+
+    * brightness f: ``f * x``;  contrast f: ``f * x + (1 - f) * mean(gray(x))`` (one mean over the image);
+    * saturation f: ``f * x + (1 - f) * gray(x)`` per pixel;  ``gray = 0.2989 R + 0.587 G + 0.114 B``;
+    * hue h: HSV hue rotated by ``h`` turns (cv2 float HSV), saturation and value kept.
+
+    Computed in float32; uint8 input is rounded back to uint8 once at the end (torchvision truncates after every op
+    on uint8 tensors), float input stays float32. Draws: one ``random()`` for the gate (nothing else when it
+    fails), then the permutation, then the enabled factors in the order brightness, contrast, saturation, hue.
+
+    Defaults 0.4 / 0.4 / 0.4 / 0.1: torchvision's common strong setting (PaddleSeg's Cityscapes configs use 0.4
+    ranges for the first three); p 0.3 as the DANet-R101 recipe."""
+
+    OPS = ("brightness", "contrast", "saturation", "hue")
+
+    def __init__(self, p: float = 0.3, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, rng: RngLike = None):
+        super().__init__(rng)
+        if not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {p!r}")
+        self.p = float(p)
+        inf = float("inf")
+        self.brightness = _jitter_range(brightness, "brightness", 1.0, (0.0, inf))
+        self.contrast = _jitter_range(contrast, "contrast", 1.0, (0.0, inf))
+        self.saturation = _jitter_range(saturation, "saturation", 1.0, (0.0, inf))
+        self.hue = _jitter_range(hue, "hue", None, (-0.5, 0.5))
+
+    @staticmethod
+    def _gray(x: np.ndarray) -> np.ndarray:
+        return x @ _GRAY
+
+    def _apply(self, op: str, x: np.ndarray, f: float) -> np.ndarray:
+        f32 = np.float32(f)
+        if op == "brightness":
+            out = x * f32
+        elif op == "contrast":
+            out = x * f32 + (np.float32(1) - f32) * np.float32(self._gray(x).mean(dtype=np.float64))
+        elif op == "saturation":
+            out = x * f32 + (np.float32(1) - f32) * self._gray(x)[:, :, None]
+        else:
+            hsv = cv2.cvtColor(x / np.float32(255), cv2.COLOR_RGB2HSV)  # float: H in degrees [0, 360)
+            hsv[:, :, 0] = np.mod(hsv[:, :, 0] + f32 * np.float32(360), np.float32(360))
+            out = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB) * np.float32(255)
+        return np.clip(out, 0, 255, out=out)
+
+    def __call__(self, image, label):
+        _check_pair(image, label)
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"RandomColorJitter needs an HxWx3 RGB image, got {image.shape}")
+        if self.rng.random() >= self.p:
+            return image, label
+        order = self.rng.permutation(len(self.OPS))
+        factors = {op: float(self.rng.uniform(*getattr(self, op))) for op in self.OPS if getattr(self, op)}
+        x = image.astype(np.float32)
+        for k in order:
+            op = self.OPS[int(k)]
+            if op in factors:
+                x = self._apply(op, x, factors[op])
+        if image.dtype == np.uint8:
+            return np.clip(np.rint(x), 0, 255).astype(np.uint8), label
+        return np.ascontiguousarray(x, dtype=np.float32), label
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # registry / presets
 
 TRANSFORMS: Dict[str, type] = {
     cls.__name__: cls for cls in (
         Compose, ToFloat32, Normalize, ToCHW, Resize, ResizeLong, PadToSize, CenterCrop, RandomScale, RandomCrop,
-        RandomHorizontalFlip, RandomRotate, RandomGaussianBlur, ResizeStepScaling, RandomPaddingCrop, RandomDistort)
+        RandomHorizontalFlip, RandomRotate, RandomGaussianBlur, ResizeStepScaling, RandomPaddingCrop, RandomDistort,
+        RandomResizeLong, RandomColorJitter)
 }
 
 #: other names accepted by ``build_transforms`` (semseg's and PaddleSeg's spellings)

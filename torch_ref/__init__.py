@@ -8,17 +8,19 @@
 """
 from __future__ import annotations
 
-from .models import psanet, pspnet
+from .models import danet, psanet, pspnet
 
 MODELS = {
     "pspnet": pspnet.build,
     "psanet": psanet.build,
+    "danet": danet.build,
 }
 
 # name -> function(state_dict) -> cfg read off an official checkpoint (class count, depth, ...)
 CONFIG_FROM_WEIGHTS = {
     "pspnet": pspnet.infer_config,
     "psanet": psanet.infer_config,
+    "danet": danet.infer_config,
 }
 
 
@@ -42,16 +44,34 @@ def config_from_weights(name: str, state_dict) -> dict:
         raise KeyError(f"{name}: cannot infer the model config from the checkpoint: key {e} is missing") from None
 
 
+def drop_ignored_keys(name: str, state_dict, source: str = "<state_dict>"):
+    """state_dict without the keys the model's explicit ignore rule matches; warns with every dropped key."""
+    import warnings
+
+    from weights_convert.keymap import get_keymap
+
+    keymap = get_keymap(name)
+    dropped = {k: keymap.ignore_reason(k) for k in state_dict if keymap.ignore_reason(k) is not None}
+    if not dropped:
+        return state_dict
+    lines = "; ".join(f"{k}: {why}" for k, why in dropped.items())
+    warnings.warn(f"{source}: {len(dropped)} key(s) ignored by the {name} rule -- {lines}", stacklevel=3)
+    return {k: v for k, v in state_dict.items() if k not in dropped}
+
+
 def load_official(name: str, path, **cfg):
     """Build `name` and load an official checkpoint with strict=True.
 
     The file is read with `torch.load(weights_only=True)` (it never runs code); `state_dict`/`model` containers are
-    unwrapped and `module.` prefixes stripped -- the only normalisations. cfg values not given (num_classes, depth)
-    come from the checkpoint. Returns the model in eval mode.
+    unwrapped and `module.` prefixes stripped -- the only normalisations -- and keys matched by the model's explicit
+    ignore rule (`weights_convert.keymap.KEYMAPS[name].ignored`, e.g. an old DANet checkpoint's `pretrained.fc.*`)
+    are dropped with a warning that lists them. cfg values not given (num_classes, depth) come from the checkpoint.
+    Returns the model in eval mode.
     """
     from weights_convert.readers import read_checkpoint
 
     state_dict, _info = read_checkpoint(path)
+    state_dict = drop_ignored_keys(name, state_dict, source=str(path))
     full_cfg = config_from_weights(name, state_dict)
     full_cfg.update(cfg)
     model = build_model(name, **full_cfg)

@@ -71,3 +71,23 @@ def softmax(x, dim: int):
 def swap_dims_1_2(x):
     """(N, A, B) -> (N, B, A)."""
     return x.transpose(1, 2)
+
+
+def sizes(x) -> tuple:
+    """Every dimension of a tensor as python ints."""
+    return tuple(int(d) for d in x.shape)
+
+
+def zeros_parameter(module, shape):
+    """A trainable parameter of `shape` initialised to zeros (assign it to an attribute of `module`)."""
+    return nn.Parameter(torch.zeros(tuple(shape)))
+
+
+def row_max(x):
+    """max over the last axis, keepdim (N, A, B) -> (N, A, 1). torch.max(dim) sends the gradient to ONE index."""
+    return torch.max(x, -1, keepdim=True)[0]
+
+
+def relabel(target, old: int, new: int):
+    """Integer label map with every `old` value replaced by `new` (a new tensor)."""
+    return target.masked_fill(target == old, new)

@@ -6,14 +6,21 @@ are returned separately so the alignment can compare every one of them.
 """
 from __future__ import annotations
 
-
 import torch.nn.functional as F
+
+from . import layers as L
 
 # model name -> weights of its output terms, in the order the model returns them in training mode.
 LOSS_TERMS = {
     "pspnet": (("main", 1.0), ("aux", 0.4)),   # semseg: main_loss + aux_weight * aux_loss, aux_weight 0.4
     "psanet": (("main", 1.0), ("aux", 0.4)),   # semseg: same criterion and aux weight
+    "danet": (("sasc", 1.0), ("sa", 1.0), ("sc", 1.0)),  # junfu1115/DANet SegmentationMultiLosses: plain sum
 }
+
+# model name -> the label its official criterion ignores, when not `ignore_index`: DANet's datasets turn 255 into -1
+# and its loss uses ignore_index=-1. The same pixels are ignored; the targets are relabelled so the loss sees the
+# official ones.
+IGNORE_LABEL = {"danet": -1}
 
 
 def cross_entropy(logits, target, ignore_index: int = 255):
@@ -31,6 +38,10 @@ def compute_loss(name: str, outputs, target, ignore_index: int = 255) -> dict:
     if len(outputs) != len(terms):
         raise ValueError(f"{name}: the model returned {len(outputs)} outputs, its loss expects {len(terms)} "
                          f"({', '.join(t for t, _ in terms)})")
+    own = IGNORE_LABEL.get(name)
+    if own is not None:
+        target = L.relabel(target, ignore_index, own)
+        ignore_index = own
     result = {}
     total = 0.0
     for (term, weight), out in zip(terms, outputs):

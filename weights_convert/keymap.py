@@ -109,6 +109,16 @@ class ModelKeymap:
     partial_aliases: Mapping[str, tuple] = field(default_factory=dict)  # --partial NAME -> key prefixes
     flavours: tuple = ()
     infer_partial_config: Optional[Callable[[Mapping[str, tuple]], dict]] = None  # cfg when the head is absent
+    # ((regex, reason), ...): source keys of the official format that the model never had a use for; they are
+    # dropped by this explicit rule (each one reported with the reason), never silently. Full-key match.
+    ignored: tuple = ()
+
+    def ignore_reason(self, source_key: str) -> Optional[str]:
+        """The reason `source_key` is dropped by an `ignored` rule, or None when no rule matches it."""
+        for pattern, reason in self.ignored:
+            if re.fullmatch(pattern, source_key):
+                return reason
+        return None
 
     def to_paddle(self, torch_key: str) -> Optional[str]:
         key = torch_to_paddle_key(torch_key)
@@ -163,13 +173,14 @@ SEMSEG_IMAGENET_RESNET = SourceFlavour(
 )
 
 
-def _resnet_depth_from_keys(shapes: Mapping[str, tuple]) -> dict:
+def _resnet_depth_from_keys(shapes: Mapping[str, tuple], prefix: str = "") -> dict:
     """{'layers': depth} from the number of blocks in layer3 (the only stage whose length tells 50/101/152)."""
-    from torch_ref.backbones.resnet import DEPTHS
+    from torch_ref.backbones.resnet import depth_from_keys
 
-    n3 = len({k.split(".")[1] for k in shapes if k.startswith("layer3.")})
-    depth = next((d for d, b in DEPTHS.items() if b[2] == n3), None)
-    return {} if depth is None else {"layers": depth}
+    try:
+        return {"layers": depth_from_keys("backbone", shapes, prefix)}
+    except ValueError:
+        return {}
 
 
 def _semseg_keymap(name: str) -> ModelKeymap:
@@ -183,9 +194,55 @@ def _semseg_keymap(name: str) -> ModelKeymap:
     )
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# danet
+
+_TV_STEM_OR_STAGE = re.compile(r"(conv1|bn1|layer[1-4])\..+")
+
+
+def _torchvision_resnet_detect(keys: Sequence[str]) -> bool:
+    ks = set(keys)
+    return "conv1.weight" in ks and "pretrained.conv1.weight" not in ks
+
+
+def _torchvision_resnet_map(key: str) -> tuple:
+    if key.startswith("fc."):
+        return None, _IMAGENET_FC
+    if _TV_STEM_OR_STAGE.fullmatch(key):
+        return "pretrained." + key, "ImageNet ResNet -> DANet's `pretrained.` backbone"
+    return key, ""
+
+
+TORCHVISION_IMAGENET_RESNET = SourceFlavour(
+    name="torchvision-imagenet-resnet",
+    description="a torchvision-layout ImageNet ResNet (conv1/bn1/layer1..4/fc, 7x7 stem; encoding's resnet101 with "
+                "--no-deepstem): every key moved under `pretrained.`, fc dropped",
+    detect=_torchvision_resnet_detect,
+    map_key=_torchvision_resnet_map,
+)
+
+# The 2018 DANet code kept the ImageNet classifier on the backbone (BaseNet did not set `pretrained.fc = None`), so a
+# checkpoint of that era may carry pretrained.fc.weight [1000, 2048] and pretrained.fc.bias [1000].
+DANET_IGNORED = ((r"pretrained\.fc\.(weight|bias)",
+                  "drop: the backbone's ImageNet classifier, kept by the 2018 DANet code and never used by the model"),)
+
+
+def _danet_keymap() -> ModelKeymap:
+    return ModelKeymap(
+        model="danet",
+        renames=(),
+        partial_aliases={"backbone": ("pretrained.",)},
+        flavours=(TORCHVISION_IMAGENET_RESNET,),
+        infer_partial_config=lambda shapes: _resnet_depth_from_keys(shapes, "pretrained.") or _resnet_depth_from_keys(
+            shapes),
+        ignored=DANET_IGNORED,
+    )
+
+
 KEYMAPS = {
     "pspnet": _semseg_keymap("pspnet"),
     "psanet": _semseg_keymap("psanet"),
+    "danet": _danet_keymap(),
 }
 
 
@@ -258,6 +315,10 @@ def plan_conversion(torch_module, source_keys_and_shapes, keymap: Optional[Model
     filled: dict = {}
     for skey, sshape in items:
         sshape = _shape(sshape)
+        ignored = keymap.ignore_reason(skey)
+        if ignored is not None:
+            rows.append(KeyAction(skey, None, sshape, None, dtypes.get(skey), "drop", ignored))
+            continue
         tkey, why = (skey, "")
         if flavour is not None:
             tkey, why = flavour.map_key(skey)

@@ -4,16 +4,17 @@ from __future__ import annotations
 import numpy as np
 
 from ..compare import to_numpy
-from ..context import Context, StepResult
+from ..context import Context, StepResult, artifact_value
 
 
 def record(ctx: Context, res: StepResult, key: str, paddle_value, torch_value) -> None:
-    """Log `key` on both sides and compare it (Paddle = actual, torch = expected)."""
+    """Compare `key` (Paddle = actual, torch = expected) on every element and log both sides for the artifacts
+    (large arrays as a strided sample unless `ctx.full_artifacts`)."""
     a = np.asarray(to_numpy(paddle_value))
     b = np.asarray(to_numpy(torch_value))
-    res.paddle_log[key] = a
-    res.torch_log[key] = b
     res.results.append(ctx.compare(res.step, key, a, b))
+    res.paddle_log[key] = artifact_value(a, ctx.full_artifacts)
+    res.torch_log[key] = artifact_value(b, ctx.full_artifacts)
 
 
 def as_tuple(outputs):

@@ -11,7 +11,9 @@ dilation=padding=4, stride 1 (and the shortcut strides to 1) -- i.e. EVERY block
 those layers and the same parameter names.
 
 `deep_base=False` is the torchvision stem (7x7 conv, 64 channels) used by DANet; `multi_grid` sets the per-block
-dilation multipliers of the last stage (DANet: (4, 8, 16) given as absolute dilations).
+dilations of the last stage (DANet: (4, 8, 16), block i gets multi_grid[i % 3]). `contract_dilation=True` is the
+dilation rule of DANet's encoding ResNet: the FIRST block of a dilated stage uses half the stage's dilation (layer3:
+1 then 2, 2, ...), the others the full one; semseg's models leave it False (every block dilated).
 """
 from __future__ import annotations
 
@@ -51,17 +53,30 @@ class Bottleneck(L.Module):
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 
+def depth_from_keys(name: str, keys, prefix: str = "") -> int:
+    """ResNet depth from the number of blocks of `<prefix>layer3.` in state_dict keys (the only stage whose length
+    tells 50 / 101 / 152). ValueError names the count when it matches no known depth."""
+    stage = prefix + "layer3."
+    n3 = len({k[len(stage):].split(".")[0] for k in keys if k.startswith(stage)})
+    depth = next((d for d, b in DEPTHS.items() if b[2] == n3), None)
+    if depth is None:
+        raise ValueError(f"{name} checkpoint has {n3} blocks in {stage[:-1]}; known ResNet depths: "
+                         f"{ {d: b[2] for d, b in DEPTHS.items()} }")
+    return depth
+
+
 class ResNet(L.Module):
     """ResNet trunk without the classifier (the segmentation models never use avgpool/fc)."""
 
     def __init__(self, depth: int = 50, deep_base: bool = True, strides: Sequence[int] = (1, 2, 1, 1),
                  dilations: Sequence[int] = (1, 1, 2, 4), multi_grid: Optional[Sequence[int]] = None,
-                 bn_momentum: float = 0.1):
+                 contract_dilation: bool = False, bn_momentum: float = 0.1):
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"ResNet depth must be one of {sorted(DEPTHS)}, got {depth}")
         blocks = DEPTHS[depth]
         self.deep_base = deep_base
+        self.contract_dilation = contract_dilation
         if deep_base:
             self.conv1 = L.Conv2d(3, 64, 3, stride=2, padding=1, bias=False)
             self.bn1 = L.BatchNorm2d(64, momentum=bn_momentum)
@@ -93,7 +108,12 @@ class ResNet(L.Module):
             )
         layers = []
         for i in range(blocks):
-            d = multi_grid[i % len(multi_grid)] if multi_grid else dilation
+            if multi_grid:
+                d = multi_grid[i % len(multi_grid)]
+            elif self.contract_dilation and i == 0 and dilation > 1:
+                d = dilation // 2
+            else:
+                d = dilation
             layers.append(Bottleneck(self.inplanes, planes, stride if i == 0 else 1, d,
                                      downsample if i == 0 else None, bn_momentum))
             self.inplanes = planes * Bottleneck.expansion

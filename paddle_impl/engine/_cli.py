@@ -6,27 +6,57 @@ import os
 import sys
 from typing import Optional, Tuple
 
+from .evaluator import PROTOCOLS
+
 
 def add_test_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("test-time options (semseg tool/test.py semantics)")
-    g.add_argument("--flip", action="store_true", help="average the probabilities with the horizontally flipped image")
-    g.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
-                   help="image scales whose probabilities are averaged (default: 1.0)")
+    g = p.add_argument_group("test-time options (default: the config's test_config section, else semseg tool/test.py "
+                             "semantics, whole image, no flip, scale 1; a flag given here overrides the config)")
+    g.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                   help="semseg: softmax averaged over flips/windows/scales (default); danet: junfu1115/DANet "
+                        "MultiEvalModule (exp of the flip-summed logits, summed over scales, windows of --slide CROP "
+                        "only where the scaled long side exceeds CROP)")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the horizontally flipped image (--no-flip: do not)")
+    g.add_argument("--scales", type=float, nargs="+", default=None, metavar="S",
+                   help="image scales whose scores are combined (default: 1.0)")
     g.add_argument("--base-size", type=int, default=None, metavar="N",
-                   help="scale s resizes the long side to round(s*N) as semseg (default: s times the image size)")
+                   help="scale s resizes the long side to round(s*N) as semseg (danet: ceil(s*N)); default: s times "
+                        "the image size")
     g.add_argument("--slide", type=int, nargs=2, default=None, metavar=("CROP", "STRIDE"),
                    help="sliding-window inference with square windows CROP every STRIDE pixels "
-                        "(STRIDE 0: ceil(CROP*2/3)); default: whole image")
+                        "(STRIDE 0: ceil(CROP*2/3), danet int(CROP*2/3)); default: whole image")
+    g.add_argument("--whole", action="store_true", help="whole-image inference even if the config slides")
+    g.add_argument("--ms", action="store_true",
+                   help="multi-scale: lay the config's test_config.ms section over test_config")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS or Paddle's)")
 
 
-def test_kwargs(args) -> dict:
-    kw = {"flip": bool(args.flip), "scales": tuple(args.scales), "base_size": args.base_size}
+def test_kwargs(args, cfg=None) -> dict:
+    """Keyword arguments of ``evaluator.predict_logits``: the config's ``test_config`` (``Config.test_options``,
+    with ``--ms`` its ``ms`` section), then every flag given on the command line on top."""
+    kw = {"flip": False, "scales": (1.0,), "base_size": None, "mode": "whole"}
+    if cfg is not None:
+        kw.update(cfg.test_options(ms=bool(getattr(args, "ms", False))))
+    elif getattr(args, "ms", False):
+        raise ValueError("--ms needs a config with a test_config.ms section")
+    if getattr(args, "protocol", None) is not None:
+        kw["protocol"] = args.protocol
+    if args.flip is not None:
+        kw["flip"] = bool(args.flip)
+    if args.scales is not None:
+        kw["scales"] = tuple(args.scales)
+    if args.base_size is not None:
+        kw["base_size"] = args.base_size
+    if args.slide and getattr(args, "whole", False):
+        raise ValueError("--slide and --whole contradict each other; give one")
     if args.slide:
         crop, stride = args.slide
         kw.update(mode="slide", crop=crop, stride=stride if stride > 0 else None)
-    else:
+    elif getattr(args, "whole", False):
         kw["mode"] = "whole"
+        kw.pop("crop", None)
+        kw.pop("stride", None)
     return kw
 
 

@@ -2,7 +2,7 @@
 
     python -m paddle_impl.engine.evaluate --config paddle_impl/configs/pspnet_r50_cityscapes.yml \\
         --weights output/best_model/model.pdparams [--data-root DIR] [--flip] [--scales 0.75 1 1.25] \\
-        [--slide 713 0] [--out result.json]
+        [--slide 713 0] [--protocol danet] [--ms] [--out result.json]
 """
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ PROG = "segtwin eval"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Evaluate a Paddle segmentation model on the config's val set "
-                                "(semseg test semantics: softmax averaged over flips / scales / windows).")
+                                "(semseg test semantics: softmax averaged over flips / scales / windows; or "
+                                "--protocol danet). "
+                                "Test-time options default to the config's test_config section.")
     p.add_argument("--config", required=True, help="YAML config (model and val_dataset)")
     p.add_argument("--weights", default=None, help=".pdparams or a checkpoint directory (default: model.pretrained "
                    "or random weights)")
@@ -38,11 +40,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .evaluator import evaluate, format_table, save_json
 
         cfg = _cli.load_cfg(args.config, args.data_root)
+        test_kw = _cli.test_kwargs(args, cfg)  # before building anything: a bad option fails fast
         model = _cli.build_model(cfg, args.weights)
         dataset = cfg.build_dataset("val", root=args.data_root)
         result = evaluate(model, dataset, cfg.num_classes, ignore_index=cfg.ignore_index,
                           normalize=_cli.normalize_from_config(cfg), progress=not args.no_progress,
-                          limit=args.limit, **_cli.test_kwargs(args))
+                          limit=args.limit, **test_kw)
         result["config"] = args.config
         result["weights"] = args.weights
         if args.out:

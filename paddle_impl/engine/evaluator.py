@@ -18,6 +18,19 @@ Per image (``predict_logits``), for every scale s:
   * the probabilities are resized (cv2 bilinear) to the original HxW.
 The probabilities of all scales are averaged; the prediction is their argmax. Probabilities are accumulated in float64.
 
+``protocol="danet"`` is junfu1115/DANet's ``MultiEvalModule`` instead (``crop`` an int, ``stride`` default
+``int(crop*2/3)``, ``base_size`` default the image's long side). The image is normalised first; for every scale s:
+  * long side ``ceil(base_size*s)``, short side ``int(short*long/long0 + 0.5)``; the normalised image is resized with
+    bilinear align_corners=True interpolation;
+  * long side <= crop: pad at the bottom/right to crop x crop with ``-mean/std`` (a black pixel), one forward pass;
+    else pad (same way) only a side shorter than crop, windows of crop x crop at ``k*stride`` (the last ones may
+    stick out: padded at the bottom/right the same way), scores averaged by the per-pixel window count;
+  * every forward pass scores ``exp(logits(x) + flip(logits(flip(x))))`` (``exp(logits(x))`` without flip): the
+    exponential of the RAW summed logits, NOT a softmax, reproduced as DANet does (it changes how scales and windows
+    weigh each other);
+  * each scale's score is resized back to HxW (bilinear, align_corners=True) and the scales are SUMMED.
+Computed in float64 (DANet: float32 on the GPU; the argmax differs only on ties or float32 overflow of exp).
+
 ``evaluate`` accumulates one confusion matrix over the dataset (``paddle_impl.metrics``) and returns plain Python
 numbers: mIoU, Acc, mAcc, Kappa, mDice, per-class IoU / precision / recall / Dice lists and the confusion matrix.
 """
@@ -34,9 +47,9 @@ import cv2
 import numpy as np
 
 __all__ = ["evaluate", "predict_logits", "predict_label", "format_table", "save_json", "default_size_rule",
-           "valid_size", "DEFAULT_NORMALIZE"]
+           "valid_size", "DEFAULT_NORMALIZE", "PROTOCOLS"]
 
-from ..transforms import SEMSEG_MEAN, SEMSEG_STD
+from ..transforms import SEMSEG_MEAN, SEMSEG_STD, long_side_size
 
 #: (mean, std, to_bgr): semseg's RGB ImageNet statistics on the 0..255 scale
 DEFAULT_NORMALIZE = (SEMSEG_MEAN, SEMSEG_STD, False)
@@ -162,6 +175,93 @@ def _resize_chw(prob: np.ndarray, h: int, w: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts, 2).transpose(2, 0, 1))
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# DANet protocol (junfu1115/DANet ``encoding/models/sseg/base.py`` ``MultiEvalModule``)
+
+def _resize_ac(x: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Bilinear resize of (C, h0, w0) with align_corners=True semantics (output pixel i samples input position
+    ``i * (n_in - 1) / (n_out - 1)``), float64; two separable gathers, O(output size)."""
+    def axis(n_in: int, n_out: int):
+        src = np.arange(n_out, dtype=np.float64) * ((n_in - 1) / (n_out - 1)) if n_out > 1 and n_in > 1 \
+            else np.zeros(n_out)
+        i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, src - i0
+
+    x = np.asarray(x, dtype=np.float64)
+    _, h0, w0 = x.shape
+    if (h0, w0) == (h, w):
+        return x
+    i0, i1, f = axis(h0, h)
+    x = x[:, i0] * (1 - f)[None, :, None] + x[:, i1] * f[None, :, None]
+    j0, j1, g = axis(w0, w)
+    return x[:, :, j0] * (1 - g) + x[:, :, j1] * g
+
+
+def _pad_br(x: np.ndarray, h: int, w: int, value: np.ndarray) -> np.ndarray:
+    """(C, h0, w0) -> (C, max(h0, h), max(w0, w)), padded at the bottom/right with ``value[c]`` per channel."""
+    c, h0, w0 = x.shape
+    h, w = max(h, h0), max(w, w0)
+    if (h, w) == (h0, w0):
+        return x
+    out = np.empty((c, h, w), dtype=x.dtype)
+    out[:] = np.asarray(value, dtype=x.dtype).reshape(c, 1, 1)
+    out[:, :h0, :w0] = x
+    return out
+
+
+def _danet_forward(model, x: np.ndarray, flip: bool, size_rule, pad_value) -> np.ndarray:
+    """x (C, h, w) normalised float32 -> ``exp(logits(x) [+ flip(logits(flip(x)))])`` (K, h, w) float64. The exp
+    of the raw (flip-summed) logits, not a softmax: DANet's score."""
+    import paddle
+    import paddle.nn.functional as F
+
+    _, h, w = x.shape
+    ph, pw = valid_size(h, w, size_rule)
+    xp = _pad_br(x, ph, pw, pad_value)
+    batch = xp[None]
+    if flip:
+        batch = np.concatenate([batch, batch[:, :, :, ::-1]], 0)
+    with paddle.no_grad():
+        out = model(paddle.to_tensor(np.ascontiguousarray(batch, dtype=np.float32)))
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if tuple(out.shape[2:]) != (ph, pw):
+            out = F.interpolate(out, size=[ph, pw], mode="bilinear", align_corners=True)
+        logits = out.numpy().astype(np.float64)
+    z = logits[0] + logits[1][:, :, ::-1] if flip else logits[0]
+    return np.exp(z[:, :h, :w])
+
+
+def _danet_scale(model, x: np.ndarray, scale: float, base_size: int, crop: int, stride: Tuple[int, int],
+                 flip: bool, size_rule, pad_value) -> np.ndarray:
+    """One scale of the DANet protocol on the normalised image x (C, H, W) -> score (K, H, W) float64."""
+    _, h, w = x.shape
+    long_size = int(math.ceil(base_size * scale))
+    height, width = long_side_size(h, w, long_size)
+    cur = _resize_ac(x, height, width)  # the normalised image, as DANet resizes its input tensor
+    if long_size <= crop:
+        score = _danet_forward(model, _pad_br(cur, crop, crop, pad_value), flip, size_rule, pad_value)
+        score = score[:, :height, :width]
+    else:
+        img = _pad_br(cur, crop, crop, pad_value)  # only the side(s) shorter than the crop
+        _, ph, pw = img.shape
+        sh, sw = stride
+        score, count = None, np.zeros((ph, pw), dtype=np.float64)
+        for idh in range(int(math.ceil((ph - crop) / sh)) + 1):
+            for idw in range(int(math.ceil((pw - crop) / sw)) + 1):
+                h0, w0 = idh * sh, idw * sw
+                h1, w1 = min(h0 + crop, ph), min(w0 + crop, pw)
+                win = _pad_br(img[:, h0:h1, w0:w1], crop, crop, pad_value)
+                s = _danet_forward(model, win, flip, size_rule, pad_value)
+                if score is None:
+                    score = np.zeros((s.shape[0], ph, pw), dtype=np.float64)
+                score[:, h0:h1, w0:w1] += s[:, :h1 - h0, :w1 - w0]
+                count[h0:h1, w0:w1] += 1
+        score = (score / count[None])[:, :height, :width]
+    return _resize_ac(score, h, w)
+
+
 def _pair(v, name: str) -> Tuple[int, int]:
     if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
         v = (int(v), int(v))
@@ -174,37 +274,69 @@ def _pair(v, name: str) -> Tuple[int, int]:
     return a, b
 
 
-def _check_options(mode, crop, stride, scales):
+PROTOCOLS = ("semseg", "danet")
+
+
+def _check_options(mode, crop, stride, scales, protocol="semseg"):
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
     scales = tuple(float(s) for s in scales)
     if not scales or any(not (s > 0) for s in scales):
         raise ValueError(f"scales must be positive numbers, got {scales!r}")
+    if protocol == "danet":
+        if crop is None:
+            raise ValueError("protocol='danet' needs crop (an int: the square window)")
+        crop = _pair(crop, "crop")
+        if crop[0] != crop[1]:
+            raise ValueError(f"protocol='danet' uses square windows: crop must be an int, got {crop!r}")
+        stride = (int(crop[0] * 2 / 3),) * 2 if stride is None else _pair(stride, "stride")
+        if max(stride) > crop[0]:
+            raise ValueError(f"stride {stride!r} is larger than the crop {crop[0]}: pixels between windows would "
+                             f"get no score")
+        return crop, stride, scales
     if mode == "slide":
         if crop is None:
             raise ValueError("mode='slide' needs crop (an int or (H, W))")
         crop = _pair(crop, "crop")
         stride = (int(math.ceil(crop[0] * 2 / 3)), int(math.ceil(crop[1] * 2 / 3))) if stride is None \
             else _pair(stride, "stride")
+    else:  # whole image: windows are not used
+        crop = stride = None
     return crop, stride, scales
 
 
 def predict_logits(model, image: np.ndarray, *, mode: str = "whole", crop=None, stride=None, flip: bool = False,
                    scales: Sequence[float] = (1.0,), normalize=DEFAULT_NORMALIZE, size_rule=_AUTO,
-                   base_size: Optional[int] = None) -> np.ndarray:
-    """Class probabilities (K, H, W) float64 of one raw HxWx3 image (uint8 or float, the dataset's channel order).
+                   base_size: Optional[int] = None, protocol: str = "semseg") -> np.ndarray:
+    """Class scores (K, H, W) float64 of one raw HxWx3 image (uint8 or float, the dataset's channel order); their
+    argmax is the prediction.
 
-    Despite the name these are softmax probabilities (averaged over flips, windows and scales), as in semseg; their
-    argmax is the prediction. ``size_rule``: a callable (h, w) raising ValueError for sizes the model rejects; default
-    ``type(model).check_input`` when present; None for no rule. See the module docstring for the procedure.
+    ``protocol="semseg"`` (default): softmax probabilities averaged over flips, windows and scales, as semseg.
+    ``protocol="danet"``: junfu1115/DANet's ``MultiEvalModule``: ``exp`` of the flip-summed raw logits, averaged
+    over windows and SUMMED over scales (``mode`` is not used: windows run only where the scaled long side exceeds
+    ``crop``; ``stride`` default ``int(crop*2/3)``; ``base_size`` default: the image's long side). See the module
+    docstring for both procedures. ``size_rule``: a callable (h, w) raising ValueError for sizes the model rejects;
+    default ``type(model).check_input`` when present; None for no rule.
     """
-    crop, stride, scales = _check_options(mode, crop, stride, scales)
+    crop, stride, scales = _check_options(mode, crop, stride, scales, protocol)
     if size_rule is _AUTO:
         size_rule = default_size_rule(model)
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be HxWx3, got shape {image.shape}")
     h, w = image.shape[:2]
+    if protocol == "danet":
+        x = _normalize(image, normalize).transpose(2, 0, 1)
+        mean, std = np.asarray(normalize[0], np.float64), np.asarray(normalize[1], np.float64)
+        black = -mean / std  # a 0 pixel after normalisation (DANet pads with -mean/std)
+        base = int(base_size) if base_size is not None else max(h, w)
+        total = None
+        for s in scales:
+            p = _danet_scale(model, x, s, base, crop[0], stride, flip, size_rule, black)
+            total = p if total is None else total + p
+        return total
     total = None
     for s in scales:
         if base_size is not None:
@@ -264,7 +396,7 @@ def evaluate(model, dataset, num_classes: int, *, ignore_index: int = 255, mode:
              stride=None, flip: bool = False, scales: Sequence[float] = (1.0,), normalize=DEFAULT_NORMALIZE,
              progress: bool = True, size_rule=_AUTO, base_size: Optional[int] = None,
              limit: Optional[int] = None, class_names: Optional[Sequence[str]] = None,
-             on_prediction: Optional[Callable[[int, np.ndarray], None]] = None) -> dict:
+             on_prediction: Optional[Callable[[int, np.ndarray], None]] = None, protocol: str = "semseg") -> dict:
     """Evaluate ``model`` (a paddle Layer, put in eval mode here) on every sample of ``dataset``.
 
     ``dataset.load(i)`` (or ``dataset[i]``) must give the raw (image HxWx3, label HxW). ``on_prediction(i, pred)``
@@ -276,7 +408,7 @@ def evaluate(model, dataset, num_classes: int, *, ignore_index: int = 255, mode:
 
     from ..metrics import confusion_matrix, metrics_from_confusion
 
-    crop, stride, scales = _check_options(mode, crop, stride, scales)
+    crop, stride, scales = _check_options(mode, crop, stride, scales, protocol)
     if size_rule is _AUTO:
         size_rule = default_size_rule(model)
     num_classes = int(num_classes)
@@ -310,7 +442,7 @@ def evaluate(model, dataset, num_classes: int, *, ignore_index: int = 255, mode:
         if image.shape[:2] != label.shape:
             raise ValueError(f"{_image_file(dataset, i)}: image {image.shape[:2]} and label {label.shape} differ")
         prob = predict_logits(model, image, mode=mode, crop=crop, stride=stride, flip=flip, scales=scales,
-                              normalize=normalize, size_rule=size_rule, base_size=base_size)
+                              normalize=normalize, size_rule=size_rule, base_size=base_size, protocol=protocol)
         pred = np.argmax(prob, axis=0).astype(np.int64)
         if on_prediction is not None:
             on_prediction(i, pred)
@@ -326,7 +458,8 @@ def evaluate(model, dataset, num_classes: int, *, ignore_index: int = 255, mode:
     result["num_classes"] = num_classes
     names = class_names if class_names is not None else getattr(dataset, "class_names", None)
     result["class_names"] = list(names) if names is not None else [str(c) for c in range(num_classes)]
-    result["settings"] = {"mode": mode, "crop": list(crop) if crop else None, "stride": list(stride) if stride else None,
+    result["settings"] = {"protocol": protocol, "mode": mode if protocol == "semseg" else None,
+                          "crop": list(crop) if crop else None, "stride": list(stride) if stride else None,
                           "flip": bool(flip), "scales": list(scales), "base_size": base_size,
                           "ignore_index": ignore_index,
                           "normalize": {"mean": list(map(float, normalize[0])), "std": list(map(float, normalize[1])),

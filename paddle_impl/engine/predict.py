@@ -37,7 +37,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         model = _cli.build_model(cfg, args.weights)
         palette = args.palette or _cli.palette_name(_cli.dataset_type(cfg))
         res = predict(model, args.image, args.out, palette, alpha=args.alpha, overlay_ext=args.overlay_ext,
-                      normalize=_cli.normalize_from_config(cfg), progress=True, **_cli.test_kwargs(args))
+                      normalize=_cli.normalize_from_config(cfg), progress=True,
+                      **_cli.test_kwargs(args, cfg))
         print(f"{len(res)} image(s) -> {args.out}")
     except (OSError, ValueError, KeyError) as e:
         return _cli.fail(PROG, e)

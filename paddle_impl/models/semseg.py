@@ -10,7 +10,7 @@ inputs must satisfy (H - 1) % 8 == 0 and (W - 1) % 8 == 0.
 from __future__ import annotations
 
 from .. import layers as L
-from ..backbones.resnet import DEPTHS, ResNet
+from ..backbones.resnet import ResNet, depth_from_keys
 
 
 def check_input_size(name: str, h: int, w: int, stride: int = 8) -> None:
@@ -95,9 +95,4 @@ def infer_backbone_config(name: str, state_dict) -> dict:
     if "cls.4.weight" not in state_dict:
         raise KeyError("cls.4.weight")
     num_classes = int(state_dict["cls.4.weight"].shape[0])
-    n3 = len({k.split(".")[1] for k in state_dict if k.startswith("layer3.")})
-    depth = next((d for d, b in DEPTHS.items() if b[2] == n3), None)
-    if depth is None:
-        raise ValueError(f"{name} checkpoint has {n3} blocks in layer3; known ResNet depths: "
-                         f"{ {d: b[2] for d, b in DEPTHS.items()} }")
-    return {"num_classes": num_classes, "layers": depth}
+    return {"num_classes": num_classes, "layers": depth_from_keys(name, state_dict)}
