@@ -398,3 +398,21 @@ def test_clis_eval_predict_export_infer(cityscapes_root, tmp_path, capsys):
     assert a.shape == (48, 96) and np.array_equal(a, b)  # exported model == dynamic model, same windows
     assert export_cli.main(["--config", str(cfg), "--out", str(tmp_path / "bad"), "--input-size", "1,3,32,32"]) == 2
     assert "(H-1)%8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", [{"preset": "semseg"}, {"preset": "danet"}, {"preset": "mmseg"},
+                                  {"preset": "detectron2"}, {"preset": "paddleseg"},
+                                  {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "scale": 1 / 255, "to_rgb": True}])
+def test_eval_normalisation_equals_the_configs_normalize_transform(spec):
+    """segtwin eval/predict/export normalise exactly as the config's Normalize (preset, scale, channel flags)."""
+    import types
+
+    from paddle_impl.engine import _cli
+    from paddle_impl.engine.evaluator import _normalize
+    from paddle_impl.transforms import Normalize
+
+    cfg = types.SimpleNamespace(raw={"val_dataset": {"transforms": [{"type": "Normalize", **spec}]}})
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3)).astype(np.uint8)
+    expected = Normalize(**spec)(image, np.zeros((5, 7), np.int64))[0]
+    got = _normalize(image, _cli.normalize_from_config(cfg))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

@@ -104,13 +104,17 @@ def build_model(cfg, weights: Optional[str]):
 
 
 def normalize_from_config(cfg, section: str = "val_dataset") -> Tuple[tuple, tuple, bool]:
-    """(mean, std, to_bgr) of the config's ``Normalize`` transform (val, else train), else semseg's defaults."""
-    from ..transforms import SEMSEG_MEAN, SEMSEG_STD
+    """(mean, std, reverse_channels) on the 0..255 pixel scale equivalent to the config's ``Normalize`` transform
+    (val, else train) -- its ``preset``, ``scale`` and ``to_rgb``/``to_bgr`` honoured: ``(x * scale - m) / s`` is
+    ``(x - m / scale) / (s / scale)`` -- else semseg's defaults. Bad arguments raise as the transform does."""
+    from ..transforms import SEMSEG_MEAN, SEMSEG_STD, Normalize
 
     for sec in (section, "train_dataset"):
         for t in (cfg.raw.get(sec) or {}).get("transforms", []) or []:
             if isinstance(t, dict) and t.get("type") == "Normalize":
-                return (tuple(t.get("mean", SEMSEG_MEAN)), tuple(t.get("std", SEMSEG_STD)), bool(t.get("to_bgr", False)))
+                n = Normalize(**{k: v for k, v in t.items() if k != "type"})
+                return (tuple(m / n.scale for m in n.mean), tuple(s / n.scale for s in n.std),
+                        bool(n.to_bgr or n.to_rgb))
     return SEMSEG_MEAN, SEMSEG_STD, False
 
 
