@@ -69,8 +69,9 @@ def parse_input_size(text) -> tuple:
     if vals[1] != 3:
         raise AlignmentSetupError(f"--input-size: the models take 3-channel RGB input, got C={vals[1]}")
     if vals[0] < 2:
-        raise AlignmentSetupError("--input-size: N must be >= 2 (training-mode BatchNorm of the 1x1 pyramid "
-                                  f"branch needs more than one value per channel), got N={vals[0]}")
+        raise AlignmentSetupError("--input-size: N must be >= 2 (the loss and backward steps run BatchNorm in "
+                                  "training mode, which needs more than one value per channel; PSPNet's 1x1 pyramid "
+                                  f"branch has exactly N), got N={vals[0]}")
     return vals
 
 
