@@ -51,7 +51,8 @@ def drop_ignored_keys(name: str, state_dict, source: str = "<state_dict>"):
     from weights_convert.keymap import get_keymap
 
     keymap = get_keymap(name)
-    dropped = {k: keymap.ignore_reason(k) for k in state_dict if keymap.ignore_reason(k) is not None}
+    reasons = {k: keymap.ignore_reason(k) for k in state_dict}
+    dropped = {k: why for k, why in reasons.items() if why is not None}
     if not dropped:
         return state_dict
     lines = "; ".join(f"{k}: {why}" for k, why in dropped.items())

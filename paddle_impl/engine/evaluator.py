@@ -50,6 +50,7 @@ __all__ = ["evaluate", "predict_logits", "predict_label", "format_table", "save_
            "valid_size", "DEFAULT_NORMALIZE", "PROTOCOLS"]
 
 from ..transforms import SEMSEG_MEAN, SEMSEG_STD, long_side_size
+from ..transforms import _size as _pair  # int or (H, W) -> positive (H, W), errors name the option
 
 #: (mean, std, to_bgr): semseg's RGB ImageNet statistics on the 0..255 scale
 DEFAULT_NORMALIZE = (SEMSEG_MEAN, SEMSEG_STD, False)
@@ -260,18 +261,6 @@ def _danet_scale(model, x: np.ndarray, scale: float, base_size: int, crop: int, 
                 count[h0:h1, w0:w1] += 1
         score = (score / count[None])[:, :height, :width]
     return _resize_ac(score, h, w)
-
-
-def _pair(v, name: str) -> Tuple[int, int]:
-    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-        v = (int(v), int(v))
-    try:
-        a, b = (int(t) for t in v)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an int or (H, W), got {v!r}") from None
-    if a <= 0 or b <= 0:
-        raise ValueError(f"{name} must be positive, got {v!r}")
-    return a, b
 
 
 PROTOCOLS = ("semseg", "danet")
