@@ -3,12 +3,14 @@
     import alignment
     verdict = alignment.run("pspnet", out="segtwin_out")        # forward, loss, backward, metric + trace
     r = alignment.compare(paddle_array, torch_array, key="logits")  # the comparison core
+    spec = alignment.specs.get_spec("pspnet")                        # one spec per model
     assert verdict["passed"], verdict["steps"]
 
 Importing this package does not import torch or paddle; `run` does.
 """
 from .compare import AlignmentError, CompareResult, assert_aligned, compare  # noqa: F401
 from .policy import Policy, PolicyError, Tolerance  # noqa: F401
+from . import specs  # noqa: F401  (the model spec table; imports no framework)
 
 
 def run(name, **kwargs):

@@ -21,7 +21,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--data", help="Cityscapes or VOC root: take the batch from its val images instead of "
                                   "a synthetic one")
     p.add_argument("--out", default="segtwin_out", help="artifact directory (default: %(default)s)")
-    p.add_argument("--input-size", default="2,3,65,65", help="N,C,H,W of the batch (default: %(default)s)")
+    p.add_argument("--input-size", default=None, help="N,C,H,W of the batch (default: the model spec's align_input, "
+                                                       "2,3,65,65 for the shipped models)")
     p.add_argument("--iters", type=int, default=3, help="training iterations of the backward step (default: 3)")
     p.add_argument("--steps", default="forward,loss,backward,metric",
                    help="comma-separated subset of forward,loss,backward,metric")
@@ -36,6 +37,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--no-trace", action="store_true", help="skip the per-layer trace (no layer plot)")
     p.add_argument("--full-artifacts", action="store_true", help="store every element of large tensors in the "
                                                                  ".npy/.npz files (default: strided sample)")
+    p.add_argument("--keep-weights", action="store_true", help="keep the random official .pth and the converted "
+                                                               ".pdparams in OUT/MODEL/weights/ (default: deleted "
+                                                               "after the run; their SHA-256 is in verdict.json)")
     p.add_argument("--json", action="store_true", help="print the verdict(s) as JSON on stdout")
     p.set_defaults(func=main_from_args)
     return p
@@ -43,18 +47,18 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
 
 def main_from_args(args) -> int:
     from .logutil import get_logger
-    from .runner import AlignmentSetupError, parse_model_cfg, run
+    from .runner import AlignmentSetupError, human_bytes, parse_model_cfg, run
+    from .specs import model_names
 
     log = get_logger("segtwin.align")
-    import torch_ref
 
     if args.all == bool(args.model):
-        log.error("give a model name or --all (registered: %s)", ", ".join(sorted(torch_ref.MODELS)))
+        log.error("give a model name or --all (registered: %s)", ", ".join(model_names()))
         return 2
     if args.all and args.weights:
         log.error("--weights belongs to one model; use it without --all")
         return 2
-    models = sorted(torch_ref.MODELS) if args.all else [args.model]
+    models = model_names() if args.all else [args.model]
     try:
         model_cfg = parse_model_cfg(args.cfg)
     except AlignmentSetupError as e:
@@ -65,9 +69,9 @@ def main_from_args(args) -> int:
         try:
             v = run(name, weights=args.weights, out=args.out, data=args.data, input_size=args.input_size,
                     iters=args.iters, steps=[s.strip() for s in args.steps.split(",") if s.strip()],
-                    seed=args.seed, num_classes=args.num_classes, threads=args.threads, trace=not args.no_trace, lockstep=not args.free_run,
-                    model_cfg=model_cfg,
-                    full_artifacts=args.full_artifacts)
+                    seed=args.seed, num_classes=args.num_classes, threads=args.threads, trace=not args.no_trace,
+                    lockstep=not args.free_run, model_cfg=model_cfg, full_artifacts=args.full_artifacts,
+                    keep_weights=args.keep_weights)
         except (AlignmentSetupError, FileNotFoundError, KeyError) as e:
             log.error("%s: %s", name, e.args[0] if e.args else e)
             return 2
@@ -80,7 +84,7 @@ def main_from_args(args) -> int:
         verdicts.append(v)
         steps = ", ".join(f"{s} {'ok' if r['passed'] else 'FAIL'}" for s, r in v["steps"].items())
         print(f"{name}: {'PASS' if v['passed'] else 'FAIL'} ({steps}) in {v['seconds']} s -> {v['out_dir']}/"
-              f"report.md", file=sys.stderr)
+              f"report.md ({human_bytes(v['artifacts_bytes'])} on disk)", file=sys.stderr)
     if args.json:
         print(json.dumps(verdicts if args.all else verdicts[0], indent=2, default=str))
     return 0 if all(v["passed"] for v in verdicts) else 1

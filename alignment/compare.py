@@ -1,7 +1,8 @@
 """The comparison core of segtwin: one function compares two arrays and returns a structured result.
 
 Every alignment step and every test goes through :func:`compare` (or :func:`compare_dicts`, which calls it per key).
-The rules close the holes of reprod_log and PaDiff (see ``shared/reference/alignment-tools.md`` §1.3, §3.5):
+The rules close the holes of reprod_log and PaDiff (NaN that passes, silent broadcasting and transposing, means
+compared instead of elements, no dtype check; listed in ``docs/references.md``, section 5):
 
 * elementwise ``|a - b| <= atol + rtol * |b|`` (``a`` = actual = Paddle side, ``b`` = expected = torch reference);
   never a mean, never a comparison of means;

@@ -1,7 +1,7 @@
 """Shared state of one alignment run: both models, the shared batch, the policy, and the key/name mapping.
 
-Keys are always TORCH names (`layer0.1.running_mean`); the Paddle side is read through `paddle_key()`, the same
-rename the converter applies, so both sides' artifacts carry identical key sets.
+Keys are always TORCH names (`layer0.1.running_mean`); the Paddle side is read through the converter's own rename
+(`weights_convert.keymap.torch_to_paddle_key`), so both sides' artifacts carry identical key sets.
 """
 from __future__ import annotations
 
@@ -16,28 +16,17 @@ import numpy as np
 from .compare import CompareResult
 from .policy import Policy
 
-# Recipe of the backward step (semseg): SGD momentum 0.9, weight decay 1e-4, poly(0.9) per iteration, head lr x10.
+# Recipe of the backward step (semseg): SGD momentum 0.9, weight decay 1e-4, poly(0.9) per iteration; the head
+# group's lr multiplier comes from the model spec (`head_lr_mult`).
 BASE_LR = 0.01
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
 POLY_POWER = 0.9
-HEAD_LR_MULT = 10.0
 
 
 def poly_lr(base_lr: float, it: int, max_iter: int, power: float = POLY_POWER) -> float:
     """semseg's poly schedule: base * (1 - it/max_iter) ** power, it = 0 .. max_iter-1."""
     return base_lr * (1.0 - float(it) / float(max_iter)) ** power
-
-
-def paddle_key(torch_key: str) -> Optional[str]:
-    """Torch state_dict key -> Paddle twin key (BN buffer renames); None for keys Paddle has no counterpart of."""
-    if torch_key.endswith("num_batches_tracked"):
-        return None
-    if torch_key.endswith("running_mean"):
-        return torch_key[: -len("running_mean")] + "_mean"
-    if torch_key.endswith("running_var"):
-        return torch_key[: -len("running_var")] + "_variance"
-    return torch_key
 
 
 def module_path_of(key: str) -> str:
@@ -56,17 +45,6 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     paddle.seed(seed)
-
-
-def set_threads(threads: Optional[int]) -> int:
-    """Same CPU thread count on both sides (Paddle defaults to 1 thread, torch to all cores)."""
-    import paddle
-    import torch
-
-    n = int(threads or os.environ.get("OMP_NUM_THREADS") or min(4, os.cpu_count() or 1))
-    torch.set_num_threads(n)
-    paddle.base.core.set_num_threads(n)
-    return n
 
 
 def determinism_flags() -> Dict[str, Any]:
@@ -122,6 +100,7 @@ class StepResult:
     series: Dict[str, Any] = field(default_factory=dict)
     first_divergent: Optional[str] = None
     seconds: float = 0.0
+    dtype: Optional[str] = None  # the compute dtype the step used on both sides (recorded in the provenance)
 
     @property
     def passed(self) -> bool:
@@ -138,14 +117,20 @@ class StepResult:
 # both sides), which is what pushed the test suite out of memory.
 FULL_MAX = 1 << 18
 SAMPLE = 1 << 14
+# The backward step logs thousands of keys (~2000 per side for PSANet-R50 over 3 iterations), so it keeps at most
+# BACKWARD_MAX elements of each: measured on PSANet-R50, the cap above gave 1.4 GiB of artifacts per run, this one
+# ~60 MiB (DANet-R101 about twice that), under the 150 MB the default run promises.
+BACKWARD_MAX = 2048
 
 
-def artifact_value(a, full: bool = False) -> np.ndarray:
-    """`a` itself when `full` or small, else its strided SAMPLE-element sample (flattened)."""
+def artifact_value(a, full: bool = False, step: Optional[str] = None) -> np.ndarray:
+    """`a` itself when `full` or small, else a strided sample of it (flattened): SAMPLE elements of arrays above
+    FULL_MAX, or BACKWARD_MAX elements of arrays above that for the backward step's keys."""
     a = np.asarray(a)
-    if full or a.size <= FULL_MAX:
+    limit, sample = (BACKWARD_MAX, BACKWARD_MAX) if step == "backward" else (FULL_MAX, SAMPLE)
+    if full or a.size <= limit:
         return a
-    idx = np.linspace(0, a.size - 1, SAMPLE).astype(np.int64)
+    idx = np.linspace(0, a.size - 1, sample).astype(np.int64)
     return a.reshape(-1)[idx]
 
 
@@ -163,6 +148,7 @@ class Context:
     seed: int = 0
     ignore_index: int = 255
     head_prefixes: tuple = ()
+    head_lr_mult: float = 10.0
     torch_init: Dict[str, np.ndarray] = field(default_factory=dict)
     paddle_init: Dict[str, np.ndarray] = field(default_factory=dict)
     inputs_note: str = ""

@@ -9,8 +9,8 @@ OUT/MODEL/
   verdict.json                      pass/fail per step, worst key, first divergent layer, provenance
   report.md, report.html            tables per step, plots
 
-Arrays larger than `FULL_MAX` elements are stored in the .npy/.npz files as a fixed strided sample of `SAMPLE`
-elements (identical indices on both sides); the comparison itself always uses every element.
+Large arrays are stored in the .npy/.npz files as a fixed strided sample (identical indices on both sides; limits
+in `context.artifact_value`); the comparison itself always uses every element. `--full-artifacts` stores them whole.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import numpy as np
 from .context import StepResult, artifact_value as _artifact_value
 from .logutil import root_logger_guard
 
+
 def write_step(out: Path, res: StepResult, full: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with root_logger_guard():
@@ -31,12 +32,12 @@ def write_step(out: Path, res: StepResult, full: bool = False) -> None:
         for side, log in (("paddle", res.paddle_log), ("torch", res.torch_log)):
             rl = ReprodLogger()
             for k, v in log.items():
-                rl.add(k, np.asarray(_artifact_value(v, full)))
+                rl.add(k, np.asarray(_artifact_value(v, full, res.step)))
             rl.save(str(out / f"{res.step}_{side}.npy"))
     arrays = {}
     for side, log in (("torch", res.torch_log), ("paddle", res.paddle_log)):
         for k, v in log.items():
-            arrays[f"{side}/{k}"] = _artifact_value(v, full)
+            arrays[f"{side}/{k}"] = _artifact_value(v, full, res.step)
     np.savez(out / f"{res.step}.npz", **arrays)
     lines = [f"step {res.step}: {'PASS' if res.passed else 'FAIL'} ({len(res.results)} keys, "
              f"{len(res.failed_results)} failed, {res.seconds:.1f} s)"]
@@ -148,10 +149,14 @@ def _md_table(res: StepResult, limit: int = 25) -> List[str]:
 def write_report(out: Path, verdict: dict, results: Dict[str, StepResult], images: List[str]) -> None:
     v = verdict
     md = [f"# segtwin alignment: {v['model']} — {'PASS' if v['passed'] else 'FAIL'}", ""]
-    md.append(f"Input {v['provenance']['input_shape']} ({v['provenance']['inputs']}), weights "
-              f"`{v['provenance']['weights']}` (sha256 {v['provenance']['weights_sha256'][:12]}…), "
-              f"torch {v['provenance']['torch']}, paddle {v['provenance']['paddle']}, "
-              f"{v['provenance']['threads']} threads, seed {v['provenance']['seed']}.")
+    pv = v["provenance"]
+    dtypes = ", ".join(f"{step} {dt}" for step, dt in (pv.get("dtypes") or {}).items() if dt)
+    mode = {True: "lockstep", False: "free-running", None: None}[pv.get("lockstep")]
+    md.append(f"Input {pv['input_shape']} ({pv['inputs']}), weights "
+              f"`{pv['weights']}` (sha256 {pv['weights_sha256'][:12]}…), "
+              f"torch {pv['torch']}, paddle {pv['paddle']}, device {pv.get('device', {}).get('paddle_get_device')}, "
+              f"{pv.get('threads', {}).get('torch')} torch threads, seed {pv['seed']}"
+              + (f"; dtypes: {dtypes}" if dtypes else "") + (f"; backward {mode}" if mode else "") + ".")
     md.append("")
     md.append("| step | verdict | keys | failed | worst key | worst max abs | first divergent |")
     md.append("|---|---|---|---|---|---|---|")

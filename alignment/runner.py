@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import gc
-import hashlib
+import os
 import platform
 import subprocess
 import sys
@@ -12,11 +12,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .context import Context, StepResult, determinism_flags, seed_everything, set_threads
+from .context import Context, StepResult, determinism_flags, seed_everything
 from .logutil import get_logger, root_logger_guard
 from .policy import Policy
+from .utils import parse_size, set_threads
 
-DEFAULT_INPUT_SIZE = (2, 3, 65, 65)
 DEFAULT_NUM_CLASSES = 19
 CALIBRATION_BATCH = 16
 CALIBRATION_MAX_SIDE = 129  # satisfies semseg's (H-1) % 8 == 0
@@ -25,14 +25,6 @@ log = get_logger("segtwin.align")
 
 class AlignmentSetupError(ValueError):
     """Bad arguments or inputs (exit code 2), as opposed to a failed alignment (exit code 1)."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _git_commit() -> str:
@@ -44,28 +36,20 @@ def _git_commit() -> str:
 
 
 def parse_model_cfg(items) -> dict:
-    """['psa_type=0', 'compact=true', 'mask_size=59'] -> {'psa_type': 0, 'compact': True, 'mask_size': 59}."""
-    import yaml
+    """['psa_type=0', 'compact=true', 'mask_size=7,11'] -> {'psa_type': 0, 'compact': True, 'mask_size': [7, 11]}."""
+    from .specs import parse_cfg_items
 
-    cfg = {}
-    for item in items or ():
-        key, sep, value = str(item).partition("=")
-        if not sep or not key.strip():
-            raise AlignmentSetupError(f"--cfg takes KEY=VALUE, got {item!r}")
-        cfg[key.strip()] = yaml.safe_load(value)
-    return cfg
+    try:
+        return parse_cfg_items(items)
+    except ValueError as e:
+        raise AlignmentSetupError(str(e)) from None
 
 
 def parse_input_size(text) -> tuple:
-    if isinstance(text, (tuple, list)):
-        vals = tuple(int(v) for v in text)
-    else:
-        try:
-            vals = tuple(int(v) for v in str(text).replace("x", ",").split(","))
-        except ValueError:
-            raise AlignmentSetupError(f"--input-size must be N,C,H,W integers, got {text!r}") from None
-    if len(vals) != 4 or min(vals) <= 0:
-        raise AlignmentSetupError(f"--input-size must be four positive integers N,C,H,W, got {text!r}")
+    try:
+        vals = parse_size(text, "--input-size", "NCHW")
+    except ValueError as e:
+        raise AlignmentSetupError(str(e)) from None
     if vals[1] != 3:
         raise AlignmentSetupError(f"--input-size: the models take 3-channel RGB input, got C={vals[1]}")
     if vals[0] < 2:
@@ -104,13 +88,13 @@ def _calibrate_bn(model, x) -> None:
     model.eval()
 
 
-def _wake_zero_init(model, seed: int) -> list:
-    """Give the model's zero-initialised branch scales (`zero_init_params`, e.g. DANet's attention gammas) values
-    drawn from U(0.5, 1.5): at zero they switch their whole branch off, so neither the forward outputs nor a bug in
-    the branch would show in the comparison (a trained checkpoint has them non-zero). Returns the names set."""
+def _wake_zero_init(model, names, seed: int) -> list:
+    """Give the model's zero-initialised branch scales (spec `zero_init_params`, e.g. DANet's attention gammas)
+    values drawn from U(0.5, 1.5): at zero they switch their whole branch off, so neither the forward outputs nor a
+    bug in the branch would show in the comparison (a trained checkpoint has them non-zero). Returns the names set."""
     import torch
 
-    names = list(getattr(model, "zero_init_params", ()))
+    names = list(names)
     params = dict(model.named_parameters())
     gen = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
@@ -163,13 +147,17 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
     import paddle_impl
     import torch_ref
     import weights_convert
-    from torch_ref.official import save_official
+    from torch_ref.official import save_official, sha256_file
 
-    if name not in torch_ref.MODELS or name not in paddle_impl.MODELS:
-        raise AlignmentSetupError(f"unknown model {name!r}; registered: {', '.join(sorted(torch_ref.MODELS))}")
+    from .specs import SPECS, ConfigInferenceError, model_names
+
+    if name not in SPECS:
+        raise AlignmentSetupError(f"unknown model {name!r}; registered: {', '.join(model_names())}")
+    spec = SPECS[name]
     if iters < 1:
         raise AlignmentSetupError(f"--iters must be >= 1, got {iters}")
-    size = parse_input_size(input_size or DEFAULT_INPUT_SIZE)
+    size = parse_input_size(input_size or spec.align_input)
+    model_cfg = {**spec.align_cfg, **(model_cfg or {})} if weights is None else dict(model_cfg or {})
     out_dir = Path(out) / name
     out_dir.mkdir(parents=True, exist_ok=True)
     n_threads = set_threads(threads)
@@ -191,7 +179,7 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
         except (TypeError, ValueError) as e:
             raise AlignmentSetupError(f"{name}: cannot build the model with {model_cfg or {}}: {e}") from None
         _check_size(model, size)
-        _wake_zero_init(model, seed)
+        _wake_zero_init(model, spec.zero_init_params, seed)
         # BN statistics from a larger batch than the aligned one: with N=2 the 1x1 pyramid branch would get a
         # running variance from 2 values per channel, and eval-mode BN dividing by that near-zero std amplifies
         # rounding ~1e8-fold (measured in the float64 trace at 2x3x33x33), which no trained checkpoint does.
@@ -208,7 +196,14 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
     cfg = dict(model_cfg or {})
     if num_classes:
         cfg["num_classes"] = num_classes
-    torch_model = torch_ref.load_official(name, src, **cfg)
+    try:
+        torch_model = torch_ref.load_official(name, src, **cfg)
+    except ConfigInferenceError as e:
+        raise AlignmentSetupError(f"--weights {src}: {e}") from None
+    except (TypeError, ValueError) as e:
+        if isinstance(e, weights_convert.CheckpointError):
+            raise
+        raise AlignmentSetupError(f"--weights {src}: cannot build the model with {cfg}: {e}") from None
     _check_size(torch_model, size)
     nc = torch_model.num_classes
     dst = wdir / f"{name}.pdparams"
@@ -221,27 +216,53 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
     elif labels[(labels != 255)].max(initial=0) >= nc:
         raise AlignmentSetupError(f"--data labels go up to {int(labels[labels != 255].max())} but the model has "
                                   f"{nc} classes")
-    module = sys.modules[type(torch_model).__module__]
-    head = getattr(type(torch_model), "head_prefixes", ())
     ctx = Context(name=name, torch_model=torch_model, paddle_model=paddle_model, images=images, labels=labels,
-                  num_classes=nc, policy=policy, out_dir=out_dir, iters=iters, seed=seed, head_prefixes=head,
+                  num_classes=nc, policy=policy, out_dir=out_dir, iters=iters, seed=seed,
+                  head_prefixes=tuple(spec.head_prefixes), head_lr_mult=float(spec.head_lr_mult),
                   inputs_note=inputs_note)
     ctx.snapshot()
     import paddle as _paddle
     provenance = {
-        "model": name, "model_module": module.__name__,
+        "model": name, "torch_module": type(torch_model).__module__,
+        "paddle_module": type(paddle_model).__module__,
         "torch": torch.__version__, "paddle": _paddle.__version__, "numpy": np.__version__,
-        "python": sys.version.split()[0], "platform": platform.platform(), "device": "cpu",
-        "threads": n_threads, "flags": flags, "seed": seed, "input_shape": list(images.shape),
-        "inputs": inputs_note, "num_classes": nc, "iters": iters, "train_dtype": "float64",
-        "model_cfg": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
-                      for k, v in (model_cfg or {}).items()},
-        "lockstep": True, "forward_dtype": "float32",
-        "weights": str(src), "weights_sha256": _sha256(Path(src)), "random_weights": weights is None,
-        "pdparams": str(dst), "git_commit": _git_commit(), "policy": policy.source if hasattr(policy, "source")
-        else "alignment/tolerances.yaml", "command": " ".join(sys.argv),
+        "python": sys.version.split()[0], "platform": platform.platform(),
+        "threads_requested": n_threads, "flags": flags, "seed": seed, "input_shape": list(images.shape),
+        "inputs": inputs_note, "num_classes": nc, "iters": iters,
+        "model_cfg": {k: _jsonable(v) for k, v in report.cfg.items()},
+        "weights": str(src), "weights_sha256": sha256_file(src), "random_weights": weights is None,
+        "pdparams_sha256": sha256_file(dst), "git_commit": _git_commit(),
+        "policy": policy.source if hasattr(policy, "source") else "alignment/tolerances.yaml",
+        "command": " ".join(sys.argv),
     }
     return ctx, provenance
+
+
+def _jsonable(v):
+    """A config value as JSON keeps it: scalars and (nested) lists as they are, anything else as its repr."""
+    if isinstance(v, (int, float, str, bool, type(None))):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return repr(v)
+
+
+def _run_facts(ctx, results) -> dict:
+    """What the run actually did, read off the models and the steps (not what it was asked to do)."""
+    import paddle
+    import torch
+
+    tm, pm = ctx.torch_model, ctx.paddle_model
+    t_dev = {str(p.device) for p in tm.parameters()}
+    p_dev = {str(p.place) for p in pm.parameters()}
+    facts = {
+        "device": {"torch": sorted(t_dev), "paddle": sorted(p_dev), "paddle_get_device": paddle.get_device()},
+        "threads": {"torch": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
+        "dtypes": {step: res.dtype for step, res in results.items()},
+        "lockstep": ctx.lockstep if "backward" in results else None,
+        "free_run": (not ctx.lockstep) if "backward" in results else None,
+    }
+    return facts
 
 
 def _first_divergent(step: str, res: StepResult, fwd, bwd) -> Optional[str]:
@@ -265,13 +286,37 @@ def _first_divergent(step: str, res: StepResult, fwd, bwd) -> Optional[str]:
     return first_bad
 
 
+def _drop_weights(wdir: Path, user_weights) -> None:
+    """Remove the weight files the run wrote itself (never the user's --weights file); the report stays."""
+    for f in list(wdir.glob("*.pth")) + list(wdir.glob("*.pdparams")):
+        if user_weights is not None and f.resolve() == Path(user_weights).resolve():
+            continue
+        f.unlink()
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file())
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024.0
+    return f"{n} B"  # pragma: no cover
+
+
 def run(name: str, weights=None, out="segtwin_out", data=None, input_size=None, iters: int = 3,
         steps: Sequence[str] = ("forward", "loss", "backward", "metric"), seed: int = 0,
         num_classes: Optional[int] = None, threads: Optional[int] = None, policy: Optional[Policy] = None,
         trace: bool = True, full_artifacts: bool = False, progress: bool = True, lockstep: bool = True,
-        model_cfg: Optional[dict] = None) -> dict:
+        model_cfg: Optional[dict] = None, keep_weights: bool = False) -> dict:
     """Align the Paddle twin of `name` against its torch reference. Returns the verdict dict; `verdict['passed']`
-    is True only when every requested step passed under the tolerance policy."""
+    is True only when every requested step passed under the tolerance policy.
+
+    keep_weights: keep the official-format .pth (random weights) and the converted .pdparams in OUT/NAME/weights/
+    (default: only their SHA-256 in the provenance and the converter's report are kept; a ResNet-101 pair is
+    ~0.7 GB)."""
     from tqdm import tqdm
 
     from . import report as rep
@@ -288,7 +333,6 @@ def run(name: str, weights=None, out="segtwin_out", data=None, input_size=None, 
                               model_cfg=model_cfg)
     ctx.full_artifacts = full_artifacts
     ctx.lockstep = lockstep
-    provenance["lockstep"] = lockstep
     results = {}
     bar = tqdm(steps, desc=f"align {name}", unit="step", disable=not progress, file=sys.stderr)
     for step in bar:
@@ -301,6 +345,7 @@ def run(name: str, weights=None, out="segtwin_out", data=None, input_size=None, 
         res.seconds = time.time() - ts
         results[step] = res
     bar.close()
+    provenance.update(_run_facts(ctx, results))
     fwd = bwd = None
     if trace:
         try:
@@ -333,8 +378,12 @@ def run(name: str, weights=None, out="segtwin_out", data=None, input_size=None, 
         "seconds": round(time.time() - t0, 2),
         "provenance": provenance,
     }
+    if not keep_weights:
+        _drop_weights(ctx.out_dir / "weights", weights)
+    verdict["artifacts_bytes"] = _tree_bytes(ctx.out_dir)
     rep.write_verdict(ctx.out_dir, verdict)
     rep.write_report(ctx.out_dir, verdict, results, images)
+    verdict["artifacts_bytes"] = _tree_bytes(ctx.out_dir)
     for step, res in results.items():
         if not res.passed:
             worst = verdict["steps"][step]["worst"] or {}

@@ -7,8 +7,8 @@ mechanism on both sides (Paddle has no module backward hook).
 
 Paths are identical on both sides by the twin rule. Divergence of a layer is judged with the policy's `trace`
 step tolerance, in the run's training dtype (float64 by default: rounding noise then stays ~1e-12 relative and any
-real divergence stands out by orders of magnitude); the first divergent layer is the first in torch's execution order (forward) or in the order the
-gradients arrive (backward, i.e. from the loss towards the input).
+real divergence stands out by orders of magnitude); the first divergent layer is the first in torch's execution
+order (forward) or in the order the gradients arrive (backward, i.e. from the loss towards the input).
 """
 from __future__ import annotations
 

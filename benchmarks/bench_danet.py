@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _PAM_PROBE = r"""
 import json, sys
 import numpy as np
+from alignment.utils import set_threads
 
 def hwm_mib():
     for line in open("/proc/self/status"):
@@ -36,9 +37,9 @@ def hwm_mib():
 
 fw, h, w, backward, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", int(sys.argv[5])
 x = np.random.default_rng(0).standard_normal((1, 512, h, w)).astype(np.float32)
+set_threads(threads, (fw,))
 if fw == "torch":
     import torch
-    torch.set_num_threads(threads)
     from torch_ref.models.danet import PAM
     pam = PAM(512)
     t = torch.from_numpy(x).requires_grad_(backward)
@@ -50,7 +51,6 @@ if fw == "torch":
             pam(t)
 else:
     import paddle
-    paddle.base.core.set_num_threads(threads)
     from paddle_impl.models.danet import PAM
     pam = PAM(512)
     t = paddle.to_tensor(x, stop_gradient=not backward)

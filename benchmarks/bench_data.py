@@ -4,11 +4,12 @@ Cityscapes 1024x512 crop, through ``paddle.io.DataLoader`` with 0, 1 and 2 worke
     pytest benchmarks/bench_data.py --benchmark-only -q -o python_files=bench_*.py      # or: tox -e bench
 
 Data: 8 synthetic Cityscapes frames of 1024x2048 (official layout, written once per session in a tmp dir).
-Pipeline (reference/models.md §2.3): ResizeStepScaling(0.5, 2.0, 0.25) -> RandomPaddingCrop([1024, 512])
--> RandomHorizontalFlip -> RandomDistort(0.4, 0.4, 0.4) -> Normalize(semseg) -> ToCHW; batch 2. One round = one
-epoch over the 8 frames (worker start-up included, as in training without persistent workers). Reported:
-``extra_info["img_per_s"]`` (8 / median round time); the baseline of the group is num_workers=0. Nothing asserts a
-wall time. The machine's core count bounds what more workers can give (the CI box has 2).
+Pipeline (the PSANet Paddle port's recipe, docs/references.md section 3): ResizeStepScaling(0.5, 2.0, 0.25)
+-> RandomPaddingCrop([1024, 512]) -> RandomHorizontalFlip -> RandomDistort(0.4, 0.4, 0.4) -> Normalize(semseg)
+-> ToCHW; batch 2. One round = one epoch over the 8 frames (worker start-up included, as in training without
+persistent workers). Reported: ``extra_info["img_per_s"]`` (8 / median round time); the baseline of the group is
+num_workers=0. Nothing asserts a wall time. The machine's core count bounds what more workers can give (the CI box
+has 2).
 """
 from __future__ import annotations
 
@@ -16,8 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-THREADS = int(os.environ.get("SEGTWIN_BENCH_THREADS") or os.environ.get("OMP_NUM_THREADS") or 2)
-os.environ["OMP_NUM_THREADS"] = str(THREADS)
+from conftest import THREADS  # also exports it as OMP_NUM_THREADS, before any framework is imported
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

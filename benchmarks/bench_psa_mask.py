@@ -12,12 +12,10 @@ times, the least noisy statistic on a shared machine) is printed.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-THREADS = int(os.environ.get("SEGTWIN_BENCH_THREADS") or os.environ.get("OMP_NUM_THREADS") or 2)
-os.environ["OMP_NUM_THREADS"] = str(THREADS)  # Paddle's math library and the op's OpenMP loop read it at start-up
+from conftest import THREADS  # also exports it as OMP_NUM_THREADS, before any framework is imported
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -67,7 +65,8 @@ def _ratio_table(request):
             lines.append(line)
     for fw in ("torch", "paddle"):
         if t((fw, "zeros")) and t((fw, "full")):
-            lines.append(f"{fw} floors: zeros {t((fw, 'zeros')) * 1e3:.3f} ms, full(1.0) {t((fw, 'full')) * 1e3:.3f} ms")
+            lines.append(f"{fw} floors: zeros {t((fw, 'zeros')) * 1e3:.3f} ms, "
+                         f"full(1.0) {t((fw, 'full')) * 1e3:.3f} ms")
     with capman.global_and_fixture_disabled():  # module teardown output is captured otherwise
         for line in lines:
             rep.write_line(line)
@@ -80,9 +79,10 @@ def torch_setup():
     ref.require_op("torch")
     import torch
 
+    from alignment.utils import set_threads
     from torch_ref.ops import psa_mask
 
-    torch.set_num_threads(THREADS)
+    set_threads(THREADS, ("torch",))
     x = torch.randn(IN_SHAPE, generator=torch.Generator().manual_seed(0))
     for t in TYPES.values():  # same work: the two impls agree exactly
         assert torch.equal(psa_mask(x, t, MASK, impl="cpp"), psa_mask(x, t, MASK, impl="tensor"))

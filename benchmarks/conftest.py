@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import os
 
-THREADS = int(os.environ.get("SEGTWIN_BENCH_THREADS", "2"))
-os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+#: the one thread count of every benchmark: $SEGTWIN_BENCH_THREADS, else $OMP_NUM_THREADS, else 2. Exported as
+#: OMP_NUM_THREADS here, before any benchmark imports a framework (Paddle's math library and the PSA op's OpenMP loop
+#: read it at start-up).
+THREADS = int(os.environ.get("SEGTWIN_BENCH_THREADS") or os.environ.get("OMP_NUM_THREADS") or 2)
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 
 def set_threads(n: int = THREADS) -> int:
-    import paddle
-    import torch
+    """The benchmarks' thread count for torch and Paddle alike."""
+    from alignment.utils import set_threads as _set_threads
 
-    torch.set_num_threads(n)
-    paddle.base.core.set_num_threads(n)
-    return n
+    return _set_threads(n)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -38,7 +39,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         for b in benches:
             if b is base or not b.stats:
                 continue
-            lines.append(f"    {b.name}: median {b.stats.median * 1e3:.3f} ms = {b.stats.median / base.stats.median:.3f}x"
+            ratio = b.stats.median / base.stats.median
+            lines.append(f"    {b.name}: median {b.stats.median * 1e3:.3f} ms = {ratio:.3f}x"
                          + "".join(f"  {k}={v}" for k, v in b.extra_info.items() if k != "baseline"))
     if lines:
         terminalreporter.write_sep("=", "segtwin ratios (same run, same thread count)")
@@ -56,14 +58,14 @@ def model_twins(name: str, size, num_classes: int = 19, **cfg):
 
     import paddle_impl
     import torch_ref
-    from alignment.context import paddle_key
     from paddle_impl.checkpoint import strict_load
+    from weights_convert.keymap import torch_to_paddle_key
 
     set_threads()
     torch.manual_seed(0)
     tm = torch_ref.build_model(name, num_classes=num_classes, **cfg).eval()
     pm = paddle_impl.build_model(name, num_classes=num_classes, **cfg)
-    strict_load(pm, {paddle_key(k): v.numpy() for k, v in tm.state_dict().items() if paddle_key(k)})
+    strict_load(pm, {torch_to_paddle_key(k): v.numpy() for k, v in tm.state_dict().items() if torch_to_paddle_key(k)})
     pm.eval()
     rng = np.random.default_rng(0)
     x = rng.standard_normal(size).astype(np.float32)

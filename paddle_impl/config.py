@@ -39,13 +39,9 @@ _TEST = {"protocol": str, "is_slide": bool, "crop_size": (int, list), "stride": 
 SCHEMA: Dict[str, Any] = {
     "batch_size": int, "iters": int, "seed": int,
     "train_dataset": _DATASET, "val_dataset": _DATASET,
-    "model": {"type": str, "num_classes": int, "pretrained": str, "backbone_pretrained": str, "layers": int, "bins": list, "dropout": _NUM,
-              "zoom_factor": int, "bn_momentum": _NUM,
-              # PSANet (paddle_impl/models/psanet.py)
-              "psa_type": int, "compact": bool, "shrink_factor": int, "mask_size": (int, list), "crop": int,
-              "normalization_factor": _NUM, "psa_softmax": bool, "psa_impl": str,
-              # DANet (paddle_impl/models/danet.py): dilations of layer4's blocks, e.g. [4, 8, 16]
-              "multi_grid": list},
+    # model: `type` and the two weight files here; every other key is an argument of the model's builder, read off
+    # its signature (alignment.specs.config_keys) once the type is known
+    "model": {"type": str, "pretrained": str, "backbone_pretrained": str},
     "optimizer": {"type": str, "momentum": _NUM, "weight_decay": _NUM, "head_lr_mult": _NUM, "beta1": _NUM,
                   "beta2": _NUM, "epsilon": _NUM, "grad_clip": _NUM},
     "lr_scheduler": {"type": str, "learning_rate": _NUM, "power": _NUM, "end_lr": _NUM, "milestones": list,
@@ -68,6 +64,18 @@ def _type_name(t) -> str:
     return " or ".join(x.__name__ for x in t) if isinstance(t, tuple) else t.__name__
 
 
+def _model_schema(node: Any) -> Dict[str, Any]:
+    """SCHEMA["model"] widened by the builder arguments of the model type named in `node` (when it is known)."""
+    from alignment.specs import SPECS, config_keys
+
+    schema = dict(SCHEMA["model"])
+    mtype = node.get("type") if isinstance(node, dict) else None
+    if isinstance(mtype, str) and mtype in SPECS:
+        for key, want in config_keys(SPECS[mtype]).items():
+            schema.setdefault(key, want)
+    return schema
+
+
 def _validate(node: Dict[str, Any], schema: Dict[str, Any], where: str, file: str) -> None:
     if not isinstance(node, dict):
         raise ConfigError(f"{file}: {where} must be a mapping, got {type(node).__name__}")
@@ -78,8 +86,12 @@ def _validate(node: Dict[str, Any], schema: Dict[str, Any], where: str, file: st
             raise ConfigError(f"{file}: unknown key {key!r} in {where}{hint}")
         want = schema[key]
         path = key if where == "<root>" else f"{where}.{key}"
+        if where == "<root>" and key == "model":
+            want = _model_schema(value)
         if isinstance(want, dict):
             _validate(value, want, path, file)
+            continue
+        if want is None:  # a builder argument without a typed default: the builder checks it
             continue
         ok = isinstance(value, want) and not (isinstance(value, bool) and want in (int, _NUM))
         if want is _NUM and isinstance(value, bool):
@@ -126,14 +138,13 @@ class Config:
         opt = str(raw["optimizer"].get("type", "sgd")).lower()
         if opt not in OPTIMIZERS:
             raise ConfigError(f"{self.file}: optimizer.type must be one of {list(OPTIMIZERS)}, got {opt!r}")
-        import paddle_impl
+        from alignment.specs import SPECS, model_names
         mtype = raw["model"].get("type")
-        if mtype not in paddle_impl.MODELS:
-            raise ConfigError(f"{self.file}: model.type must be one of {sorted(paddle_impl.MODELS)}, got {mtype!r}")
+        if mtype not in SPECS:
+            raise ConfigError(f"{self.file}: model.type must be one of {model_names()}, got {mtype!r}")
         coef = raw.get("loss", {}).get("coef")
         if coef is not None:
-            from .losses import LOSS_TERMS
-            terms = LOSS_TERMS[mtype]
+            terms = SPECS[mtype].loss_terms
             if len(coef) != len(terms):
                 raise ConfigError(f"{self.file}: loss.coef has {len(coef)} values, model {mtype} has "
                                   f"{len(terms)} loss terms ({', '.join(t for t, _ in terms)})")
@@ -154,6 +165,12 @@ class Config:
         return self.raw["model"]["type"]
 
     @property
+    def spec(self):
+        """The model's spec (alignment.specs): loss terms, head parameter groups, custom ops, ..."""
+        from alignment.specs import get_spec
+        return get_spec(self.model_type)
+
+    @property
     def num_classes(self) -> int:
         m = self.raw["model"]
         if "num_classes" in m:
@@ -170,9 +187,8 @@ class Config:
 
     @property
     def loss_coefs(self) -> Dict[str, float]:
-        """{term: coefficient} in the model's output order (defaults: paddle_impl.losses.LOSS_TERMS)."""
-        from .losses import LOSS_TERMS
-        terms = LOSS_TERMS[self.model_type]
+        """{term: coefficient} in the model's output order (defaults: the spec's loss_terms)."""
+        terms = self.spec.loss_terms
         coef = self.raw.get("loss", {}).get("coef")
         if coef is None:
             return {t: float(w) for t, w in terms}
@@ -241,15 +257,13 @@ class Config:
         """``paddle_impl.build_model(model.type, num_classes=..., <other model keys>)``; ``model.pretrained`` (a
         full-model .pdparams) is loaded strictly when set; ``model.backbone_pretrained`` (e.g. ImageNet weights
         converted with ``segtwin convert --partial backbone``) must hold every non-head key of the model (heads:
-        ``model.head_prefixes``) with the right shape and nothing else."""
+        the spec's ``head_prefixes``) with the right shape and nothing else."""
         import paddle
 
         import paddle_impl
         from .checkpoint import strict_load
         cfg = {k: v for k, v in self.raw["model"].items()
                if k not in ("type", "pretrained", "backbone_pretrained", "num_classes")}
-        if "bins" in cfg:
-            cfg["bins"] = tuple(cfg["bins"])
         try:
             model = paddle_impl.build_model(self.model_type, num_classes=self.num_classes, **cfg)
         except TypeError as e:
@@ -263,7 +277,7 @@ class Config:
         if backbone:
             if not os.path.isfile(backbone):
                 raise FileNotFoundError(f"{self.file}: model.backbone_pretrained {backbone} does not exist")
-            load_backbone(model, paddle.load(backbone), source=backbone)
+            load_backbone(model, paddle.load(backbone), source=backbone, head_prefixes=self.spec.head_prefixes)
         return model
 
     def _dataset_class(self, section: str):
@@ -322,19 +336,20 @@ class Config:
 
     def build_optimizer(self, model, base_lr: Optional[float] = None):
         """SGD-momentum (``paddle_impl.optim``) or Adam/AdamW, two param groups: backbone x1, heads
-        (``model.head_prefixes``) x ``optimizer.head_lr_mult`` (default 10 for SGD, 1 for Adam)."""
+        (the spec's ``head_prefixes``) x ``optimizer.head_lr_mult`` (default: the spec's ``head_lr_mult`` for SGD,
+        1 for Adam)."""
         import paddle
 
         from . import optim
         o = self.raw["optimizer"]
         kind = str(o.get("type", "sgd")).lower()
         lr = float(self.raw["lr_scheduler"]["learning_rate"] if base_lr is None else base_lr)
-        heads = getattr(model, "head_prefixes", ())
+        heads = self.spec.head_prefixes
         clip = paddle.nn.ClipGradByGlobalNorm(float(o["grad_clip"])) if o.get("grad_clip") else None
         if kind in ("sgd", "momentum"):
             opt = optim.build_optimizer(model, lr, momentum=float(o.get("momentum", 0.9)),
                                         weight_decay=float(o.get("weight_decay", 1e-4)), head_prefixes=heads,
-                                        head_lr_mult=float(o.get("head_lr_mult", 10.0)))
+                                        head_lr_mult=float(o.get("head_lr_mult", self.spec.head_lr_mult)))
             if clip is not None:
                 opt._grad_clip = clip
             return opt
@@ -349,11 +364,11 @@ class Config:
         return opt
 
 
-def load_backbone(model, state_dict, source: str = "<state_dict>") -> None:
+def load_backbone(model, state_dict, source: str = "<state_dict>", head_prefixes=()) -> None:
     """Load every non-head parameter/buffer of ``model`` from ``state_dict`` (strict on those keys: none missing,
-    none unexpected, same shapes); the heads (``model.head_prefixes``) keep their initialisation."""
+    none unexpected, same shapes); the heads (``head_prefixes``, the spec's) keep their initialisation."""
     from .checkpoint import check_keys
-    heads = tuple(getattr(model, "head_prefixes", ()))
+    heads = tuple(head_prefixes)
     check_keys({k: v for k, v in model.state_dict().items() if not k.startswith(heads)}, state_dict, source)
     full = dict(model.state_dict())  # the heads load their own values: no "skip loading" warnings
     full.update(state_dict)

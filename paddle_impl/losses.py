@@ -9,19 +9,9 @@ from __future__ import annotations
 import paddle
 import paddle.nn.functional as F
 
+from alignment.specs import get_spec
+
 from . import layers as L
-
-# model name -> weights of its output terms, in the order the model returns them in training mode.
-LOSS_TERMS = {
-    "pspnet": (("main", 1.0), ("aux", 0.4)),   # semseg: main_loss + aux_weight * aux_loss, aux_weight 0.4
-    "psanet": (("main", 1.0), ("aux", 0.4)),   # semseg: same criterion and aux weight
-    "danet": (("sasc", 1.0), ("sa", 1.0), ("sc", 1.0)),  # junfu1115/DANet SegmentationMultiLosses: plain sum
-}
-
-# model name -> the label its official criterion ignores, when not `ignore_index`: DANet's datasets turn 255 into -1
-# and its loss uses ignore_index=-1. The same pixels are ignored; the targets are relabelled so the loss sees the
-# official ones.
-IGNORE_LABEL = {"danet": -1}
 
 
 def cross_entropy(logits, target, ignore_index: int = 255):
@@ -37,16 +27,18 @@ def cross_entropy(logits, target, ignore_index: int = 255):
 
 
 def compute_loss(name: str, outputs, target, ignore_index: int = 255) -> dict:
-    """outputs: the model's training-mode return (a tensor or a tuple of tensors) -> {'loss', <term>...}."""
-    if name not in LOSS_TERMS:
-        raise KeyError(f"no loss defined for model {name!r}; known: {sorted(LOSS_TERMS)}")
+    """outputs: the model's training-mode return (a tensor or a tuple of tensors) -> {'loss', <term>...}.
+
+    The terms, their weights and the label the official criterion ignores come from the model's spec
+    (`loss_terms`, `ignore_label`)."""
+    spec = get_spec(name)
     if not isinstance(outputs, (tuple, list)):
         outputs = (outputs,)
-    terms = LOSS_TERMS[name]
+    terms = spec.loss_terms
     if len(outputs) != len(terms):
         raise ValueError(f"{name}: the model returned {len(outputs)} outputs, its loss expects {len(terms)} "
                          f"({', '.join(t for t, _ in terms)})")
-    own = IGNORE_LABEL.get(name)
+    own = spec.ignore_label
     if own is not None:
         target = L.relabel(target, ignore_index, own)
         ignore_index = own

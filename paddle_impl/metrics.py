@@ -17,8 +17,8 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int = 255):
     pred = pred.reshape([-1]).astype(paddle.int64)
     target = target.reshape([-1]).astype(paddle.int64)
     keep = target != ignore_index
-    pred = paddle.masked_select(pred, keep)
-    target = paddle.masked_select(target, keep)
+    pred = pred[keep]
+    target = target[keep]
     bad = (target < 0) | (target >= num_classes) | (pred < 0) | (pred >= num_classes)
     if bool(bad.any()):
         raise ValueError(f"confusion_matrix: labels/predictions outside [0, {num_classes}) other than "

@@ -1,6 +1,7 @@
-"""Optimizer of the semseg recipe (twin: torch_ref/optim.py): Momentum (= torch SGD with momentum: v = mu*v + g,
-p -= lr*v), coupled L2 weight decay (g + wd*p, as torch's SGD `weight_decay`), and two parameter groups, the head
-learning `head_lr_mult` times faster. In Paddle a group's `learning_rate` is a MULTIPLIER of the optimizer's lr.
+"""Optimizer of the semseg recipe (twin: torch_ref/optim.py): SGD with momentum (v = mu*v + g,
+p -= lr*v), coupled L2 weight decay (g + wd*p), and two parameter groups, the head (ppm/cls/aux for PSPNet) learning
+`head_lr_mult` (10) times faster than the backbone. The learning-rate SCHEDULE is computed outside (one function for
+both frameworks) and applied with `set_lr`.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ def build_optimizer(model, base_lr: float, momentum: float = 0.9, weight_decay: 
               for _, params, mult in param_groups(model, head_prefixes, head_lr_mult) if params]
     opt = paddle.optimizer.Momentum(learning_rate=base_lr, momentum=momentum, parameters=groups,
                                     weight_decay=weight_decay)
+    # Momentum is torch's SGD with momentum; a float weight_decay is the same coupled L2 term. A group's
+    # learning_rate MULTIPLIES the optimizer's lr and is not reported back, so the multipliers are kept here.
     opt._segtwin_lr_mults = [g["learning_rate"] for g in groups]
     return opt
 

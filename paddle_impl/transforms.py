@@ -7,7 +7,7 @@ image and label together; the label is always resampled with nearest neighbour a
 
 Sizes are ``(H, W)`` everywhere (an int means square); cv2's ``(W, H)`` order stays inside this module.
 
-The augmentations follow hszhao/semseg ``util/transform.py`` (reference/models.md §1.3)::
+The augmentations follow hszhao/semseg ``util/transform.py`` (its training recipe: docs/references.md, section 2)::
 
     RandomScale([0.5, 2.0]) -> RandomRotate([-10, 10], p=0.5, pad mean) -> RandomGaussianBlur(p=0.5, k=5)
     -> RandomHorizontalFlip(0.5) -> RandomCrop(crop, pad mean / 255) -> Normalize(mean*255, std*255)
@@ -31,6 +31,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import cv2
 import numpy as np
 
+from alignment.utils import parse_size
+
 __all__ = [
     "SEMSEG_MEAN", "SEMSEG_STD", "IMAGENET_MEAN", "IMAGENET_STD", "DETECTRON2_MEAN_BGR", "DETECTRON2_STD_BGR",
     "Compose", "ToFloat32", "Normalize", "ToCHW", "Resize", "ResizeLong", "PadToSize", "CenterCrop",
@@ -50,7 +52,7 @@ SEMSEG_STD = tuple(s * 255 for s in IMAGENET_STD)
 DETECTRON2_MEAN_BGR = (103.53, 116.28, 123.675)
 DETECTRON2_STD_BGR = (1.0, 1.0, 1.0)
 
-#: input conventions per reference (reference/models.md section 0); mean/std in OUTPUT channel order
+#: input conventions of each upstream (docs/references.md, section 1); mean/std in OUTPUT channel order
 NORMALIZE_PRESETS: Dict[str, Dict[str, Any]] = {
     "semseg": {"mean": SEMSEG_MEAN, "std": SEMSEG_STD, "scale": 1.0, "to_bgr": False},
     "danet": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "scale": 1.0 / 255, "to_bgr": False},
@@ -76,18 +78,6 @@ _INTERP = {
 
 # ----------------------------------------------------------------------------------------------------------------------
 # helpers
-
-def _size(size: Size, name: str = "size") -> Tuple[int, int]:
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-        size = (int(size), int(size))
-    try:
-        h, w = (int(v) for v in size)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an int or (H, W), got {size!r}") from None
-    if h <= 0 or w <= 0:
-        raise ValueError(f"{name} must be positive, got (H, W) = ({h}, {w})")
-    return h, w
-
 
 def _interp(interp) -> int:
     if isinstance(interp, str):
@@ -334,9 +324,9 @@ class Resize(Transform):
         if (size is None) == (target_size is None):
             raise ValueError("Resize needs exactly one of size (H, W) or target_size (PaddleSeg's (W, H))")
         if target_size is not None:  # PaddleSeg: target_size is (width, height)
-            tw, th = _size(target_size, "target_size")
+            tw, th = parse_size(target_size, "target_size")
             size = (th, tw)
-        self.size = _size(size)
+        self.size = parse_size(size)
         self.interp = interp
         self._interp = _interp(interp)
 
@@ -370,7 +360,7 @@ class PadToSize(Transform):
     ``pad_value`` (default: the semseg mean pixel), label with ``ignore_index``. Never crops."""
 
     def __init__(self, size: Size, pad_value=SEMSEG_MEAN, ignore_index: int = 255, center: bool = True):
-        self.size = _size(size)
+        self.size = parse_size(size)
         self.pad_value = pad_value
         self.ignore_index = int(ignore_index)
         self.center = bool(center)
@@ -385,7 +375,7 @@ class CenterCrop(Transform):
     the centre ``size`` window (offset ``(H - h) // 2``)."""
 
     def __init__(self, size: Size, pad_value=SEMSEG_MEAN, ignore_index: int = 255):
-        self.size = _size(size)
+        self.size = parse_size(size)
         self.pad_value = pad_value
         self.ignore_index = int(ignore_index)
 
@@ -443,7 +433,7 @@ class RandomCrop(RandomTransform):
 
     def __init__(self, size: Size, pad_value=SEMSEG_MEAN, ignore_index: int = 255, rng: RngLike = None):
         super().__init__(rng)
-        self.size = _size(size)
+        self.size = parse_size(size)
         self.pad_value = pad_value
         self.ignore_index = int(ignore_index)
 
@@ -580,7 +570,7 @@ class RandomPaddingCrop(RandomTransform):
                  label_padding_value: int = 255, category_max_ratio: float = 1.0, ignore_index: int = 255,
                  loop_times: int = 10, rng: RngLike = None):
         super().__init__(rng)
-        cw, ch = _size(crop_size, "crop_size")
+        cw, ch = parse_size(crop_size, "crop_size")
         self.crop_size = (cw, ch)
         self.im_padding_value = im_padding_value
         self.label_padding_value = int(label_padding_value)
@@ -860,7 +850,7 @@ def build_transforms(specs: Sequence[Dict[str, Any]], seed: RngLike = None) -> C
 
 def semseg_train_transforms(crop_size: Size, scale_range=(0.5, 2.0), rotate=(-10.0, 10.0),
                             mean=SEMSEG_MEAN, std=SEMSEG_STD, ignore_index: int = 255, seed: RngLike = None) -> Compose:
-    """semseg's train pipeline (reference/models.md §1.3), ending with a CxHxW float32 image."""
+    """semseg's train pipeline (docs/references.md, section 2), ending with a CxHxW float32 image."""
     return Compose([
         ToFloat32(),
         RandomScale(scale_range),
@@ -902,7 +892,7 @@ def eval_batch(dataset, n: int, size: Size, mean: Sequence[float] = SEMSEG_MEAN,
         raise ValueError(f"eval_batch asked for {n} samples but the dataset has {len(dataset)}")
     if mode not in ("cover", "fit", "crop"):
         raise ValueError(f"mode must be 'cover', 'fit' or 'crop', got {mode!r}")
-    h, w = _size(size)
+    h, w = parse_size(size)
     ign = int(getattr(dataset, "ignore_index", 255) if ignore_index is None else ignore_index)
     pad_value = mean[::-1] if to_bgr else mean  # mean is given in output order; the image here is still RGB
     resample = _interp(interp)

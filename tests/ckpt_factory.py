@@ -5,7 +5,7 @@
     save_imagenet_backbone_checkpoint(model, tmp_path / "resnet50_v2.pth")
     save_detectron2_pkl({"w": np.zeros(3, np.float32)}, tmp_path / "model_final.pkl")
 
-Formats (reference/models.md §0):
+Formats (docs/references.md, section 1):
 * semseg: `torch.save({'epoch', 'state_dict': {'module.' + key: tensor}, 'optimizer'})` (saved from DDP);
 * semseg ImageNet init `initmodel/resnet50_v2.pth`: a flat state dict of the deep-base ResNet with its own stem
   names (`conv1, bn1, conv2, bn2, conv3, bn3`), `layer1..4` and the classifier `fc`;

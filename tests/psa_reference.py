@@ -1,9 +1,10 @@
 """Test helpers for the PSA mask op: numpy references, the mmcv conformance vectors, a finite-difference gradient.
 
-The references are written from the semantics (reference/models.md §5), independently of the kernels:
-* `psa_mask_loop` / `psa_mask_backward_loop`: the literal nested loops n, h, w, hidx, widx of §5.1 / §5.3
+The references are written from the semantics (docs/psa_mask.md; docs/references.md, section 6), independently of
+the kernels:
+* `psa_mask_loop` / `psa_mask_backward_loop`: the literal nested loops n, h, w, hidx, widx of the upstream kernels
   (scatter form: walk the input, write where its window cell lands).
-* `psa_mask_formula`: the §5.4 gather formula evaluated with numpy broadcasting.
+* `psa_mask_formula`: the gather form, evaluated with numpy broadcasting.
 Both must reproduce the mmcv vectors (tests/data/psa_mask) exactly.
 """
 from __future__ import annotations
@@ -91,8 +92,8 @@ def psa_mask_backward_loop(grad_out: np.ndarray, psa_type: int, mask_h: int, mas
 
 
 def psa_mask_formula(x: np.ndarray, psa_type: int, mask_h: int, mask_w: int) -> np.ndarray:
-    """Forward by the §5.4 gather formula: collect[n, q, p] = x[n, hi*mw+wi, p] where hi = qh-ph+half_h,
-    wi = qw-pw+half_w are inside the window, else 0; distribute = collect transposed over (q, p)."""
+    """Forward by the gather form (docs/references.md, section 6): collect[n, q, p] = x[n, hi*mw+wi, p] where
+    hi = qh-ph+half_h, wi = qw-pw+half_w are inside the window, else 0; distribute = collect transposed over (q, p)."""
     n_, c_, h_, w_ = x.shape
     assert c_ == mask_h * mask_w
     half_h, half_w = _halves(mask_h, mask_w)

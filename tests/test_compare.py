@@ -1,7 +1,7 @@
 """Tests of the comparison core (alignment/compare.py).
 
-Each hole of reprod_log / PaDiff listed in shared/reference/alignment-tools.md §1.3 and §3.5 has a test here that
-would fail if segtwin had the same hole.
+Each hole of reprod_log / PaDiff listed in docs/references.md (section 5) has a test here that would fail if segtwin
+had the same hole.
 """
 
 from __future__ import annotations
@@ -272,7 +272,8 @@ def test_raise_if_failed_message_holds_key_index_and_tolerance() -> None:
     a = b.copy()
     a[2, 1] = 1.0
     with pytest.raises(AlignmentError) as ei:
-        compare(a, b, key="head.cls.weight", rtol=1e-4, atol=2e-4, reason="measured: conv accumulation 1e-4").raise_if_failed()
+        compare(a, b, key="head.cls.weight", rtol=1e-4, atol=2e-4,
+                reason="measured: conv accumulation 1e-4").raise_if_failed()
     msg = str(ei.value)
     assert isinstance(ei.value, AssertionError)
     assert "head.cls.weight" in msg and "(2,1)" in msg

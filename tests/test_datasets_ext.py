@@ -62,8 +62,8 @@ def test_cityscapes_list_file(cs, tmp_path):
     imgs = sorted((root / "leftImg8bit" / "train").glob("*/*_leftImg8bit.png"))
     lbls = sorted((root / "gtFine" / "train").glob("*/*_gtFine_labelIds.png"))
     lst = tmp_path / "train_list.txt"
-    lst.write_text("".join(f"{i.relative_to(root).as_posix()} {l.relative_to(root).as_posix()}\n"
-                           for i, l in list(zip(imgs, lbls))[:2]) + "\n")
+    lst.write_text("".join(f"{i.relative_to(root).as_posix()} {lb.relative_to(root).as_posix()}\n"
+                           for i, lb in list(zip(imgs, lbls))[:2]) + "\n")
     ds = Cityscapes(root, "train", list_file=str(lst))
     assert len(ds) == 2 and ds.files[0] == (str(imgs[0]), str(lbls[0]))
     ref = Cityscapes(root, "train")
@@ -169,7 +169,8 @@ def test_reduce_zero_label_exact_mapping(tmp_path):
     im = Image.fromarray(raw, "P")
     im.putpalette(voc_colormap().reshape(-1).tolist())  # (PIL writes a palette-less "P" image as 1-bit)
     im.save(voc / "SegmentationClass" / f"{image_id}.png")
-    with pytest.raises(ValueError, match=rf"{image_id}.png holds value\(s\) 21, 200 that are neither a class \(0\.\.20\)"):
+    with pytest.raises(ValueError,
+                       match=rf"{image_id}.png holds value\(s\) 21, 200 that are neither a class \(0\.\.20\)"):
         VOCSegmentation(root, "train", year=2007).load(0)
 
 

@@ -238,6 +238,7 @@ def psp():
     return m
 
 
+@pytest.mark.slow
 def test_export_infer_equals_dynamic(psp, tmp_path):
     x = np.random.RandomState(0).randn(1, 3, 33, 33).astype("float32")
     with paddle.no_grad():
@@ -250,7 +251,8 @@ def test_export_infer_equals_dynamic(psp, tmp_path):
     # a fresh process (nothing traced there) gives the same logits
     np.save(tmp_path / "x.npy", x)
     code = ("import sys, numpy as np; from paddle_impl.engine.exporter import infer; "
-            f"np.save({str(tmp_path / 'y.npy')!r}, infer({str(tmp_path / 'psp')!r}, np.load({str(tmp_path / 'x.npy')!r})))")
+            f"np.save({str(tmp_path / 'y.npy')!r}, "
+            f"infer({str(tmp_path / 'psp')!r}, np.load({str(tmp_path / 'x.npy')!r})))")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, timeout=300)
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), ref, rtol=0, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="no exported model"):
@@ -259,6 +261,7 @@ def test_export_infer_equals_dynamic(psp, tmp_path):
         exporter.export(psp, tmp_path / "bad", (1, 3, 32, 32))
 
 
+@pytest.mark.slow
 def test_pspnet_whole_image_uses_size_rule(psp):
     img = _image(1, 30, 33)  # 30 breaks (H-1)%8; padded to 33
     p = ev.predict_logits(psp, img)
@@ -357,6 +360,7 @@ def test_table_and_json(tmp_path):
 # command lines (in-process main(argv)); need paddle_impl.config
 
 
+@pytest.mark.slow
 def test_clis_eval_predict_export_infer(cityscapes_root, tmp_path, capsys):
     pytest.importorskip("paddle_impl.config")
     import paddle_impl

@@ -9,9 +9,9 @@ import torch
 import paddle_impl
 import torch_ref
 from alignment.compare import assert_aligned
-from alignment.context import paddle_key
+from weights_convert.keymap import torch_to_paddle_key as paddle_key
 
-# (key, shape) pairs read off semseg's PSPNet50 (reference/models.md §1.2); C = num_classes
+# (key, shape) pairs of semseg's PSPNet50 (docs/references.md, section 2); C = num_classes
 SEMSEG_KEYS = {
     "layer0.0.weight": (64, 3, 3, 3), "layer0.1.running_var": (64,), "layer0.3.weight": (64, 64, 3, 3),
     "layer0.6.weight": (128, 64, 3, 3), "layer0.7.num_batches_tracked": (),

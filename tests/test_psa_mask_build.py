@@ -61,7 +61,8 @@ KERNEL_EMULATOR = textwrap.dedent("""
       std::memset(a.data(), 0xFF, out_n * sizeof(T));  // poison: every element must be overwritten
       std::memset(b.data(), 0xFF, out_n * sizeof(T));
       psa_mask_cpu(src.data(), a.data(), g, type, fwd, 2);
-      for (Index idx = 0; idx < static_cast<Index>(out_n); ++idx) gather_flat<T, Index>(src.data(), b.data(), g, type, fwd, idx);
+      for (Index idx = 0; idx < static_cast<Index>(out_n); ++idx)
+        gather_flat<T, Index>(src.data(), b.data(), g, type, fwd, idx);
       if (std::memcmp(a.data(), b.data(), out_n * sizeof(T)) != 0) {
         std::printf("MISMATCH n=%lld mask=%lldx%lld map=%lldx%lld type=%d fwd=%d bytes=%zu index=%zu\\n",
                     (long long)g.n, (long long)g.mask_h, (long long)g.mask_w, (long long)g.h, (long long)g.w, type,
@@ -121,6 +122,7 @@ def test_cuda_kernels_compile_with_nvcc_for_sm80_sm90(tmp_path, std):
     assert b"sm_80" in blob and b"sm_90" in blob
 
 
+@pytest.mark.slow
 def test_torch_cuda_glue_compiles(tmp_path):
     """The CUDA branch of the torch glue (SEGTWIN_WITH_CUDA) is only built on a CUDA machine; check here that it at
     least compiles (-fsyntax-only) against this torch's headers and the CUDA toolkit of nvcc. The CPU wheel lacks one

@@ -132,7 +132,7 @@ def test_paddle_poisoned_memory_subprocess(record_property):
     proc = subprocess.run([sys.executable, "-c", _PADDLE_CHILD, json.dumps(POISON_CASES)], capture_output=True,
                           text=True, env=ref.subprocess_env(FLAGS_init_allocated_mem=1), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("REPORT "))
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT "))
     report = json.loads(line[len("REPORT "):])
     assert report["flags"]["FLAGS_init_allocated_mem"] is True
     assert report["checked"] == 2 * 2 * len(POISON_CASES)

@@ -59,6 +59,7 @@ def tiny_config(path: Path, dataset: str, root: Path, *, augment: bool = False, 
 # ----------------------------------------------------------------------------------------------------------------------
 # training: the loss decreases
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset,sub", [("Cityscapes", "cs"), ("VOCSegmentation", "voc")])
 def test_loss_decreases(tmp_path, data, dataset, sub):
     # 4 images, batch 2, deterministic centre crop: the same two batches alternate, a learnable setting
@@ -91,6 +92,7 @@ def _train_cmd(cfg: Path, save_dir: Path, *extra: str):
             "--no-progress", *extra]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_exact(tmp_path, data):
     cfg = tiny_config(tmp_path / "tiny.yml", "Cityscapes", data / "cs", augment=True, val=True, iters=6,
                       save_iters=3, eval_iters=3, keep_checkpoints=1)
@@ -135,6 +137,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, data):
 # ----------------------------------------------------------------------------------------------------------------------
 # 2-process CPU run through paddle.distributed.launch
 
+@pytest.mark.slow
 def test_distributed_two_processes(tmp_path, data):
     cfg = tiny_config(tmp_path / "tiny.yml", "VOCSegmentation", data / "voc", augment=True, iters=4, save_iters=4)
     dump, save = tmp_path / "dump", tmp_path / "out"
@@ -177,6 +180,7 @@ def test_nan_guard_names_iteration_and_term(tmp_path, data, monkeypatch):
     assert len(tr.history) == 1
 
 
+@pytest.mark.slow
 def test_nan_guard_huge_lr(tmp_path, data):
     cfg = load_config(tiny_config(tmp_path / "tiny.yml", "Cityscapes", data / "cs", iters=6),
                       {"lr_scheduler.learning_rate": 1e10})
@@ -299,6 +303,7 @@ def test_sampler_order_is_a_function_of_seed_and_epoch():
     assert len(r0) == 2 and not set(a) & set(b)
 
 
+@pytest.mark.slow
 def test_workers_do_not_change_the_result(tmp_path, data):
     """Augmentation is seeded per (seed, epoch, sample): 0 or 2 DataLoader workers train the same parameters."""
     params = []
@@ -318,10 +323,13 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, data, capsys):
     assert "no checkpoint to resume at" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_backbone_pretrained_loads_all_but_heads(tmp_path, data):
     import paddle_impl
     src = paddle_impl.build_model("pspnet", num_classes=19, layers=50)
-    backbone = {k: v for k, v in src.state_dict().items() if not k.startswith(src.head_prefixes)}
+    from alignment.specs import get_spec
+    heads = get_spec("pspnet").head_prefixes
+    backbone = {k: v for k, v in src.state_dict().items() if not k.startswith(heads)}
     paddle.save(backbone, str(tmp_path / "backbone.pdparams"))
     p = tiny_config(tmp_path / "tiny.yml", "Cityscapes", data / "cs")
     cfg = load_config(p, {"model.backbone_pretrained": str(tmp_path / "backbone.pdparams")})

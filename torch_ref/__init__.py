@@ -4,55 +4,37 @@
     model = torch_ref.build_model("pspnet", num_classes=19)           # random init (semseg's init)
     model = torch_ref.load_official("pspnet", "train_epoch_200.pth")  # semseg checkpoint, strict=True
 
-`MODELS` maps a model name to its builder; `paddle_impl.MODELS` has the same keys and the same cfg keys.
+Which models exist, and every fact about them, comes from the spec table (`alignment.specs.SPECS`); the official
+checkpoint formats are read and written by `torch_ref.official`. torch_ref never imports the converter.
 """
 from __future__ import annotations
 
-from .models import danet, psanet, pspnet
-
-MODELS = {
-    "pspnet": pspnet.build,
-    "psanet": psanet.build,
-    "danet": danet.build,
-}
-
-# name -> function(state_dict) -> cfg read off an official checkpoint (class count, depth, ...)
-CONFIG_FROM_WEIGHTS = {
-    "pspnet": pspnet.infer_config,
-    "psanet": psanet.infer_config,
-    "danet": danet.infer_config,
-}
-
-
-def _check_name(name: str) -> None:
-    if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; registered: {', '.join(sorted(MODELS))}")
+from alignment.specs import get_spec, model_names  # noqa: F401  (model_names re-exported)
 
 
 def build_model(name: str, **cfg):
     """Build the reference model `name` (a torch.nn.Module) with random weights. cfg: e.g. num_classes, layers."""
-    _check_name(name)
-    return MODELS[name](**cfg)
+    return get_spec(name).build("torch", **cfg)
 
 
-def config_from_weights(name: str, state_dict) -> dict:
-    """cfg (num_classes, depth, ...) that an official state_dict implies; KeyError names a missing key."""
-    _check_name(name)
-    try:
-        return CONFIG_FROM_WEIGHTS[name](state_dict)
-    except KeyError as e:
-        raise KeyError(f"{name}: cannot infer the model config from the checkpoint: key {e} is missing") from None
+def config_from_weights(name: str, state_dict, given=None) -> dict:
+    """cfg (num_classes, depth, ...) an official state_dict implies, `given` winning; KeyError names a missing key,
+    `alignment.specs.ConfigInferenceError` the `--cfg` option a value needs."""
+    return get_spec(name).infer_config(state_dict, given)
 
 
 def drop_ignored_keys(name: str, state_dict, source: str = "<state_dict>"):
-    """state_dict without the keys the model's explicit ignore rule matches; warns with every dropped key."""
+    """state_dict without the keys the model's explicit ignore rule (spec `ignored_keys`) matches; warns with every
+    dropped key."""
+    import re
     import warnings
 
-    from weights_convert.keymap import get_keymap
-
-    keymap = get_keymap(name)
-    reasons = {k: keymap.ignore_reason(k) for k in state_dict}
-    dropped = {k: why for k, why in reasons.items() if why is not None}
+    rules = get_spec(name).ignored_keys
+    dropped = {}
+    for k in state_dict:
+        why = next((reason for pattern, reason in rules if re.fullmatch(pattern, k)), None)
+        if why is not None:
+            dropped[k] = why
     if not dropped:
         return state_dict
     lines = "; ".join(f"{k}: {why}" for k, why in dropped.items())
@@ -65,16 +47,14 @@ def load_official(name: str, path, **cfg):
 
     The file is read with `torch.load(weights_only=True)` (it never runs code); `state_dict`/`model` containers are
     unwrapped and `module.` prefixes stripped -- the only normalisations -- and keys matched by the model's explicit
-    ignore rule (`weights_convert.keymap.KEYMAPS[name].ignored`, e.g. an old DANet checkpoint's `pretrained.fc.*`)
-    are dropped with a warning that lists them. cfg values not given (num_classes, depth) come from the checkpoint.
+    ignore rule (spec `ignored_keys`, e.g. an old DANet checkpoint's `pretrained.fc.*`) are dropped with a warning
+    that lists them. cfg values given win; the others (num_classes, depth, ...) are read off the checkpoint.
     Returns the model in eval mode.
     """
-    from weights_convert.readers import read_checkpoint
+    from .official import read_checkpoint
 
     state_dict, _info = read_checkpoint(path)
     state_dict = drop_ignored_keys(name, state_dict, source=str(path))
-    full_cfg = config_from_weights(name, state_dict)
-    full_cfg.update(cfg)
-    model = build_model(name, **full_cfg)
+    model = build_model(name, **config_from_weights(name, state_dict, cfg))
     model.load_state_dict(state_dict, strict=True)
     return model.eval()

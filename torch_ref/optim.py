@@ -1,6 +1,7 @@
-"""Optimizer of the semseg recipe (twin: paddle_impl/optim.py): SGD with momentum, coupled weight decay, and two
-parameter groups, the head (ppm/cls/aux for PSPNet) learning `head_lr_mult` (10) times faster than the backbone.
-The learning-rate SCHEDULE is computed outside (one function for both frameworks) and applied with `set_lr`.
+"""Optimizer of the semseg recipe (twin: paddle_impl/optim.py): SGD with momentum (v = mu*v + g,
+p -= lr*v), coupled L2 weight decay (g + wd*p), and two parameter groups, the head (ppm/cls/aux for PSPNet) learning
+`head_lr_mult` (10) times faster than the backbone. The learning-rate SCHEDULE is computed outside (one function for
+both frameworks) and applied with `set_lr`.
 """
 from __future__ import annotations
 

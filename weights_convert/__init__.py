@@ -8,7 +8,7 @@ CLI: `python -m weights_convert MODEL SRC DST [--report R.json] [--partial PREFI
 """
 from .convert import ConversionError, ConversionReport, convert
 from .keymap import KEYMAPS, KeyAction, plan_conversion, torch_to_paddle_key
-from .readers import CheckpointError, read_checkpoint
+from torch_ref.official import CheckpointError, read_checkpoint  # re-exported: the converter's readers
 
 __all__ = ["convert", "ConversionError", "ConversionReport", "read_checkpoint", "CheckpointError", "KEYMAPS",
            "KeyAction", "plan_conversion", "torch_to_paddle_key"]

@@ -16,7 +16,7 @@ import sys
 import traceback
 from typing import Optional, Sequence
 
-from .keymap import KEYMAPS
+from alignment.specs import model_names
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -28,7 +28,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
             prog="python -m weights_convert",
             description="Convert an official PyTorch checkpoint into a .pdparams for the Paddle twin, verify it with "
                         "a strict reload and report every key.")
-    parser.add_argument("model", choices=sorted(KEYMAPS), help="model name")
+    parser.add_argument("model", choices=model_names(), help="model name")
     parser.add_argument("src", help="official checkpoint: .pth / .pth.tar / .pt (torch.load weights_only) or a "
                                     "detectron2 .pkl")
     parser.add_argument("dst", help="output .pdparams (never overwritten without --overwrite)")
@@ -40,6 +40,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     parser.add_argument("--num-classes", type=int, default=None, metavar="N",
                         help="class count of the model (default: read off the checkpoint)")
+    parser.add_argument("--cfg", action="append", default=[], metavar="KEY=VALUE",
+                        help="model config, repeatable; wins over what the checkpoint implies (e.g. --cfg psa_type=0 "
+                             "--cfg mask_size=7,11 for a single-branch, non-square semseg PSANet)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
     return parser
@@ -55,9 +58,14 @@ def run(args: argparse.Namespace) -> int:
 
     _import_paddle()  # quietly, and without touching the root logger
     from paddle_impl.checkpoint import StateDictMismatch
-    from .readers import CheckpointError
+    from alignment.specs import parse_cfg_items
+    from torch_ref.official import CheckpointError
 
-    cfg = {}
+    try:
+        cfg = parse_cfg_items(args.cfg)
+    except ValueError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
     if args.num_classes is not None:
         cfg["num_classes"] = args.num_classes
     try:

@@ -15,11 +15,9 @@ checkpoint (the mapped source) during the write plus the twin and the reloaded a
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 from collections import Counter, OrderedDict
@@ -27,9 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from alignment.logutil import quiet_imports
+from alignment.utils import atomic_path, atomic_write
+
 from .memory import MemoryMeter, SourcePageReleaser, rss_bytes
 from .keymap import ERROR_ACTIONS, KeyAction, get_keymap, materialize, plan_conversion
-from .readers import read_checkpoint
 from .writer import write_pdparams
 
 __all__ = ["convert", "ConversionError", "ConversionReport"]
@@ -98,16 +98,9 @@ class ConversionReport:
     def to_json(self, path) -> Path:
         """Write the report as JSON (atomically) and return the path."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=1)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            _unlink(tmp)
-            raise
+        with atomic_write(path) as f:
+            json.dump(self.to_dict(), f, indent=1)
+            f.write("\n")
         return path
 
 
@@ -115,22 +108,9 @@ class ConversionReport:
 # helpers
 
 
-def _unlink(path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 def _import_paddle():
     """`import paddle` without letting it reconfigure the root logger (it adds a handler and sets INFO)."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*ccache.*")  # paddle's cpp_extension import-time notice
-        import paddle
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    (paddle,) = quiet_imports("paddle")
     return paddle
 
 
@@ -198,13 +178,25 @@ def _twin_signature(paddle_impl, name: str, cfg: dict) -> tuple:
     return twin, shapes, dtypes
 
 
-def _resolve_cfg(name, keymap, view, cfg, tref) -> tuple:
+def _resolve_cfg(name, keymap, view, cfg, partial) -> tuple:
+    """(cfg used, cfg inferred, explicit cfg, note). Explicit cfg wins over what the checkpoint implies; a value the
+    checkpoint cannot tell is a ConversionError naming the `--cfg` option (unless the conversion is partial)."""
+    from alignment.specs import ConfigInferenceError, get_spec
+
     overrides = dict(cfg or {})
     note = None
     try:
-        inferred = dict(tref.config_from_weights(name, view))
+        full = get_spec(name).infer_config(view, overrides)
+        inferred = {k: v for k, v in full.items() if k not in overrides}
+    except ConfigInferenceError as e:
+        if not partial:
+            raise ConversionError(f"{name}: {e}") from None
+        note = f"config not inferable from the checkpoint ({e})"
+        inferred = {}
     except (KeyError, ValueError) as e:
         note = f"config not inferable from the checkpoint ({e.args[0] if e.args else e})"
+        inferred = {}
+    if note is not None:
         shapes = {k: tuple(v.shape) for k, v in view.items()}
         inferred = dict(keymap.infer_partial_config(shapes)) if keymap.infer_partial_config else {}
     return {**inferred, **overrides}, inferred, overrides, note
@@ -267,6 +259,8 @@ def convert(name: str, src, dst, partial: Sequence[str] = (), report=None, cfg: 
         phase_rss[label] = rss_bytes()
         tick = now
 
+    from torch_ref.official import read_checkpoint
+
     state_dict, info = read_checkpoint(src)
     phase("read")
     flavour = keymap.detect_flavour(list(state_dict))
@@ -278,7 +272,7 @@ def convert(name: str, src, dst, partial: Sequence[str] = (), report=None, cfg: 
                 view[tk] = v
     else:
         view = state_dict
-    cfg_used, cfg_inferred, cfg_overrides, cfg_note = _resolve_cfg(name, keymap, view, cfg, torch_ref)
+    cfg_used, cfg_inferred, cfg_overrides, cfg_note = _resolve_cfg(name, keymap, view, cfg, partial)
     del view
 
     try:
@@ -339,41 +333,34 @@ def convert(name: str, src, dst, partial: Sequence[str] = (), report=None, cfg: 
         if bar is not None:
             bar.update(1)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; dst gets an ordinary new file's permissions
-            write_pdparams(f, [(r.target, maker(r)) for r in writes], on_item=written)
-            f.flush()
-            os.fsync(f.fileno())
-        if bar is not None:
-            bar.close()
-        state_dict.clear()
-        del state_dict  # drops the memory map of the source
-        phase("write")
+        with atomic_path(dst) as tmp:  # dst appears (renamed from tmp) only after the strict reload below passed
+            with open(tmp, "wb") as f:
+                write_pdparams(f, [(r.target, maker(r)) for r in writes], on_item=written)
+                f.flush()
+                os.fsync(f.fileno())
+            if bar is not None:
+                bar.close()
+            state_dict.clear()  # drops the source's tensors, and with them the memory map (make() keeps the name)
+            phase("write")
 
-        # strict reload of what was written, into the twin
-        from paddle_impl.checkpoint import strict_load
+            # strict reload of what was written, into the twin
+            from paddle_impl.checkpoint import strict_load
 
-        if twin is None:
-            twin = paddle_impl.build_model(name, **cfg_used)
-        loaded = paddle.load(tmp, return_numpy=True)
-        if not isinstance(loaded, dict):
-            raise ConversionError(f"{tmp}: paddle.load returned a {type(loaded).__name__}, not a state dict")
-        covered = [r.target for r in writes]
-        with warnings.catch_warnings():  # partial: Paddle warns "Skip loading for <keep-init key>" for each
-            warnings.filterwarnings("ignore", message="Skip loading for ")
-            strict_load(_CoveredKeys(twin, covered) if prefixes else twin, loaded, source=str(dst))
-        del loaded, twin
-        os.replace(tmp, dst)
+            if twin is None:
+                twin = paddle_impl.build_model(name, **cfg_used)
+            loaded = paddle.load(tmp, return_numpy=True)
+            if not isinstance(loaded, dict):
+                raise ConversionError(f"{tmp}: paddle.load returned a {type(loaded).__name__}, not a state dict")
+            covered = [r.target for r in writes]
+            with warnings.catch_warnings():  # partial: Paddle warns "Skip loading for <keep-init key>" for each
+                warnings.filterwarnings("ignore", message="Skip loading for ")
+                strict_load(_CoveredKeys(twin, covered) if prefixes else twin, loaded, source=str(dst))
+            del loaded, twin
         phase("reload")
     except BaseException:
         if bar is not None:
             bar.close()
-        _unlink(tmp)
         raise
 
     rep.ok = True

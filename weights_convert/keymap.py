@@ -7,7 +7,7 @@ Three layers, applied in this order to every source key:
    a flavour is only accepted for a partial conversion (`--partial`);
 2. the generic BatchNorm renames (`torch_to_paddle_key`): `running_mean -> _mean`, `running_var -> _variance`,
    `num_batches_tracked` dropped (Paddle's BN keeps no step counter);
-3. the model's own renames (`KEYMAPS[name].renames`, regex -> replacement, full-key match): empty for the models
+3. the model's own renames (its spec's `key_renames`, regex -> replacement, full-key match): empty for the models
    whose twins use torch_ref's attribute names verbatim (the twin rule); the hook for a twin that cannot.
 
 Transposition is NOT a key-map rule: only the `weight` of an `nn.Linear` (or subclass) is transposed (torch stores
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 __all__ = [
-    "KeyAction", "SourceFlavour", "ModelKeymap", "KEYMAPS", "OK_ACTIONS", "ERROR_ACTIONS",
-    "torch_to_paddle_key", "get_keymap", "linear_weight_keys", "plan_conversion", "materialize",
+    "KeyAction", "SourceFlavour", "ModelKeymap", "KEYMAPS", "FLAVOURS", "OK_ACTIONS", "ERROR_ACTIONS",
+    "torch_to_paddle_key", "get_keymap", "keymap_from_spec", "linear_weight_keys", "plan_conversion", "materialize",
 ]
 
 OK_ACTIONS = ("copy", "rename", "transpose", "drop", "keep-init")
@@ -183,17 +183,6 @@ def _resnet_depth_from_keys(shapes: Mapping[str, tuple], prefix: str = "") -> di
         return {}
 
 
-def _semseg_keymap(name: str) -> ModelKeymap:
-    """semseg's models (PSPNet, PSANet): the twin keeps semseg's names, so BN renames only."""
-    return ModelKeymap(
-        model=name,
-        renames=(),
-        partial_aliases={"backbone": ("layer0.", "layer1.", "layer2.", "layer3.", "layer4.")},
-        flavours=(SEMSEG_IMAGENET_RESNET,),
-        infer_partial_config=_resnet_depth_from_keys,
-    )
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # danet
 
@@ -221,35 +210,55 @@ TORCHVISION_IMAGENET_RESNET = SourceFlavour(
     map_key=_torchvision_resnet_map,
 )
 
-# The 2018 DANet code kept the ImageNet classifier on the backbone (BaseNet did not set `pretrained.fc = None`), so a
-# checkpoint of that era may carry pretrained.fc.weight [1000, 2048] and pretrained.fc.bias [1000].
-DANET_IGNORED = ((r"pretrained\.fc\.(weight|bias)",
-                  "drop: the backbone's ImageNet classifier, kept by the 2018 DANet code and never used by the model"),)
+#: flavour name (a spec's `source_flavours`) -> SourceFlavour
+FLAVOURS = {f.name: f for f in (SEMSEG_IMAGENET_RESNET, TORCHVISION_IMAGENET_RESNET)}
 
 
-def _danet_keymap() -> ModelKeymap:
+def keymap_from_spec(spec) -> ModelKeymap:
+    """The converter's view of a model spec (alignment.specs.ModelSpec)."""
+    unknown = [f for f in spec.source_flavours if f not in FLAVOURS]
+    if unknown:
+        raise KeyError(f"{spec.name}: unknown source flavour(s) {unknown}; known: {', '.join(FLAVOURS)}")
+
+    def infer_partial_config(shapes):
+        for prefix in spec.backbone_prefixes:
+            cfg = _resnet_depth_from_keys(shapes, prefix)
+            if cfg:
+                return cfg
+        return {}
+
     return ModelKeymap(
-        model="danet",
-        renames=(),
-        partial_aliases={"backbone": ("pretrained.",)},
-        flavours=(TORCHVISION_IMAGENET_RESNET,),
-        infer_partial_config=lambda shapes: _resnet_depth_from_keys(shapes, "pretrained.") or _resnet_depth_from_keys(
-            shapes),
-        ignored=DANET_IGNORED,
+        model=spec.name,
+        renames=tuple(spec.key_renames),
+        partial_aliases=dict(spec.partial_aliases),
+        flavours=tuple(FLAVOURS[f] for f in spec.source_flavours),
+        infer_partial_config=infer_partial_config,
+        ignored=tuple(spec.ignored_keys),
     )
 
 
-KEYMAPS = {
-    "pspnet": _semseg_keymap("pspnet"),
-    "psanet": _semseg_keymap("psanet"),
-    "danet": _danet_keymap(),
-}
+class _Keymaps(Mapping):
+    """{model name: ModelKeymap}, a live view of the spec table (a spec added at run time has its key map)."""
+
+    def __getitem__(self, name):
+        from alignment.specs import SPECS
+        return keymap_from_spec(SPECS[name])
+
+    def __iter__(self):
+        from alignment.specs import SPECS
+        return iter(sorted(SPECS))
+
+    def __len__(self):
+        from alignment.specs import SPECS
+        return len(SPECS)
+
+
+KEYMAPS = _Keymaps()
 
 
 def get_keymap(name: str) -> ModelKeymap:
-    if name not in KEYMAPS:
-        raise KeyError(f"no key map for model {name!r}; known: {', '.join(sorted(KEYMAPS))}")
-    return KEYMAPS[name]
+    from alignment.specs import get_spec
+    return keymap_from_spec(get_spec(name))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,15 +1,15 @@
 """Step `backward`: N training iterations of the paper's recipe on both sides, compared after every iteration.
 
 Per iteration i: loss terms, the lr of every parameter group, the gradient of EVERY parameter, every parameter after
-the optimizer step, every momentum buffer, and every BN running statistic. After the last iteration the eval-mode logits are compared too
-(that is where a wrong BN running-variance update shows: ~1e-2). Train mode, dropout p=0, SGD momentum 0.9,
-weight decay 1e-4, poly lr (power 0.9) per iteration, head lr x10 (semseg).
+the optimizer step, every momentum buffer, and every BN running statistic. After the last iteration the eval-mode
+logits are compared too (that is where a wrong BN running-variance update shows: ~1e-2). Train mode, dropout p=0,
+SGD momentum 0.9, weight decay 1e-4, poly lr (power 0.9) per iteration, head lr x10 (semseg).
 
 Lockstep (default, `ctx.lockstep`): after the comparisons of iteration i the Paddle side is reset to torch's state
 (parameters, BN buffers, momentum buffers), so iteration i+1 starts from identical states -- PaDiff's "single step"
 idea applied to optimisation. Without it, float64 rounding differences after iteration 0 compound quickly from
-iteration to iteration on random weights at the recipe's lr (head lr 0.1; measured loss rel. diff 3e-14 -> 1.4e-10 -> 2.5e-9),
-which is the training dynamics' sensitivity, not a port error. `--free-run` turns lockstep off.
+iteration to iteration on random weights at the recipe's lr (head lr 0.1; measured loss rel. diff 3e-14 -> 1.4e-10
+-> 2.5e-9), which is the training dynamics' sensitivity, not a port error. `--free-run` turns lockstep off.
 
 Dtype: float64 on both sides by default (`train_dtype`). Measured on PSPNet-R50 with random weights at 2x3x65x65:
 torch float32 gradients themselves differ from torch float64 by up to 2.4e-2 (relative to the tensor's max) at
@@ -24,7 +24,9 @@ import paddle_impl.optim as poptim
 import torch_ref.losses as tlosses
 import torch_ref.optim as toptim
 
-from ..context import (BASE_LR, HEAD_LR_MULT, MOMENTUM, WEIGHT_DECAY, Context, StepResult, paddle_key, poly_lr)
+from weights_convert.keymap import torch_to_paddle_key
+
+from ..context import BASE_LR, MOMENTUM, WEIGHT_DECAY, Context, StepResult, poly_lr
 from .common import as_tuple, record, train_setup
 
 
@@ -38,7 +40,7 @@ def _sync(tm, pm, topt, popt, t_mom) -> None:
     for name, p in tm.named_parameters():
         p_params[name].set_value(paddle.to_tensor(p.detach().numpy()))
     for name, b in tm.named_buffers():
-        pk = paddle_key(name)
+        pk = torch_to_paddle_key(name)
         if pk is not None:
             p_buffers[pk].set_value(paddle.to_tensor(b.numpy()))
     poptim.load_momentum_buffers(popt, pm, {k: v.numpy() for k, v in t_mom.items()})
@@ -48,10 +50,10 @@ def run(ctx: Context) -> StepResult:
     import paddle
     import torch
 
-    res = StepResult("backward")
+    res = StepResult("backward", dtype=ctx.train_dtype)
     tm, pm, (xt, yt), (xp, yp) = train_setup(ctx)
-    topt = toptim.build_optimizer(tm, BASE_LR, MOMENTUM, WEIGHT_DECAY, ctx.head_prefixes, HEAD_LR_MULT)
-    popt = poptim.build_optimizer(pm, BASE_LR, MOMENTUM, WEIGHT_DECAY, ctx.head_prefixes, HEAD_LR_MULT)
+    topt = toptim.build_optimizer(tm, BASE_LR, MOMENTUM, WEIGHT_DECAY, ctx.head_prefixes, ctx.head_lr_mult)
+    popt = poptim.build_optimizer(pm, BASE_LR, MOMENTUM, WEIGHT_DECAY, ctx.head_prefixes, ctx.head_lr_mult)
     p_params = dict(pm.named_parameters())
     p_buffers = dict(pm.named_buffers())
     curves = {"torch": [], "paddle": [], "lr": []}
@@ -82,7 +84,7 @@ def run(ctx: Context) -> StepResult:
         for name, p in tm.named_parameters():
             record(ctx, res, f"iter{it}/param/{name}", p_params[name].detach(), p.detach())
         for name, b in tm.named_buffers():
-            pk = paddle_key(name)
+            pk = torch_to_paddle_key(name)
             if pk is not None:
                 record(ctx, res, f"iter{it}/buffer/{name}", p_buffers[pk], b)
         t_mom = toptim.momentum_buffers(topt, tm)

@@ -9,12 +9,12 @@ from ..context import Context, StepResult, artifact_value
 
 def record(ctx: Context, res: StepResult, key: str, paddle_value, torch_value) -> None:
     """Compare `key` (Paddle = actual, torch = expected) on every element and log both sides for the artifacts
-    (large arrays as a strided sample unless `ctx.full_artifacts`)."""
+    (large arrays as a strided sample unless `ctx.full_artifacts`, see `context.artifact_value`)."""
     a = np.asarray(to_numpy(paddle_value))
     b = np.asarray(to_numpy(torch_value))
     res.results.append(ctx.compare(res.step, key, a, b))
-    res.paddle_log[key] = artifact_value(a, ctx.full_artifacts)
-    res.torch_log[key] = artifact_value(b, ctx.full_artifacts)
+    res.paddle_log[key] = artifact_value(a, ctx.full_artifacts, res.step)
+    res.torch_log[key] = artifact_value(b, ctx.full_artifacts, res.step)
 
 
 def as_tuple(outputs):

@@ -6,7 +6,7 @@ from .common import eval_outputs, record
 
 
 def run(ctx: Context) -> StepResult:
-    res = StepResult("forward")
+    res = StepResult("forward", dtype="float32")
     out_t, out_p = eval_outputs(ctx)
     if len(out_t) != len(out_p):
         res.error = f"torch returned {len(out_t)} outputs in eval mode, Paddle {len(out_p)}"

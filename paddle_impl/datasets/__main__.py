@@ -10,7 +10,9 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .synthetic import CITIES, parse_size, write_cityscapes, write_voc
+from alignment.utils import parse_size
+
+from .synthetic import CITIES, write_cityscapes, write_voc
 
 DEFAULT_SIZE = {"cityscapes": (64, 128), "voc": (64, 96)}
 

@@ -44,6 +44,8 @@ from typing import Dict, List, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
+from alignment.utils import parse_size
+
 __all__ = [
     "CITIES",
     "MANIFEST",
@@ -53,7 +55,6 @@ __all__ = [
     "make_voc_sample",
     "write_cityscapes",
     "write_voc",
-    "parse_size",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -79,25 +80,6 @@ _SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
 
 # ----------------------------------------------------------------------------------------------------------------------
 # helpers
-
-def parse_size(size, name: str = "size") -> Tuple[int, int]:
-    """``(H, W)`` from an int, a 2-sequence or a string ``"H,W"`` / ``"HxW"``; ValueError with the reason otherwise."""
-    if isinstance(size, str):
-        parts = size.lower().replace("x", ",").split(",")
-        try:
-            size = tuple(int(p.strip()) for p in parts)
-        except ValueError:
-            raise ValueError(f"{name} must be 'H,W' with two positive integers, got {size!r}") from None
-    elif isinstance(size, (int, np.integer)):
-        size = (int(size), int(size))
-    try:
-        h, w = (int(v) for v in size)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be (H, W) with two positive integers, got {size!r}") from None
-    if h <= 0 or w <= 0:
-        raise ValueError(f"{name} must be positive, got (H, W) = ({h}, {w})")
-    return h, w
-
 
 def voc_colormap(n: int = 256) -> np.ndarray:
     """The standard PASCAL VOC colour map, ``(n, 3) uint8``: bit-interleaving of the class index.

@@ -61,13 +61,12 @@ def test_kwargs(args, cfg=None) -> dict:
 
 
 def set_threads(n: Optional[int]) -> None:
+    """--threads: Paddle's CPU thread count (and OMP_NUM_THREADS for what starts later); None keeps the defaults."""
     if n:
+        from alignment.utils import set_threads as _set_threads
+
         os.environ["OMP_NUM_THREADS"] = str(n)
-        try:
-            import paddle
-            paddle.set_num_threads(int(n)) if hasattr(paddle, "set_num_threads") else None
-        except Exception:  # pragma: no cover
-            pass
+        _set_threads(n, ("paddle",))
 
 
 def load_cfg(path: str, data_root: Optional[str] = None):

@@ -46,11 +46,12 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from alignment.utils import atomic_write, parse_size
+
 __all__ = ["evaluate", "predict_logits", "predict_label", "format_table", "save_json", "default_size_rule",
            "valid_size", "DEFAULT_NORMALIZE", "PROTOCOLS"]
 
 from ..transforms import SEMSEG_MEAN, SEMSEG_STD, long_side_size
-from ..transforms import _size as _pair  # int or (H, W) -> positive (H, W), errors name the option
 
 #: (mean, std, to_bgr): semseg's RGB ImageNet statistics on the 0..255 scale
 DEFAULT_NORMALIZE = (SEMSEG_MEAN, SEMSEG_STD, False)
@@ -277,10 +278,10 @@ def _check_options(mode, crop, stride, scales, protocol="semseg"):
     if protocol == "danet":
         if crop is None:
             raise ValueError("protocol='danet' needs crop (an int: the square window)")
-        crop = _pair(crop, "crop")
+        crop = parse_size(crop, "crop")
         if crop[0] != crop[1]:
             raise ValueError(f"protocol='danet' uses square windows: crop must be an int, got {crop!r}")
-        stride = (int(crop[0] * 2 / 3),) * 2 if stride is None else _pair(stride, "stride")
+        stride = (int(crop[0] * 2 / 3),) * 2 if stride is None else parse_size(stride, "stride")
         if max(stride) > crop[0]:
             raise ValueError(f"stride {stride!r} is larger than the crop {crop[0]}: pixels between windows would "
                              f"get no score")
@@ -288,9 +289,9 @@ def _check_options(mode, crop, stride, scales, protocol="semseg"):
     if mode == "slide":
         if crop is None:
             raise ValueError("mode='slide' needs crop (an int or (H, W))")
-        crop = _pair(crop, "crop")
+        crop = parse_size(crop, "crop")
         stride = (int(math.ceil(crop[0] * 2 / 3)), int(math.ceil(crop[1] * 2 / 3))) if stride is None \
-            else _pair(stride, "stride")
+            else parse_size(stride, "stride")
     else:  # whole image: windows are not used
         crop = stride = None
     return crop, stride, scales
@@ -484,10 +485,6 @@ def format_table(result: dict, class_names: Optional[Sequence[str]] = None) -> s
 def save_json(result: dict, path) -> str:
     """Write ``result`` as JSON (atomically: tmp + rename); return the path."""
     path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         json.dump(result, f, indent=1)
-    os.replace(tmp, path)
     return path

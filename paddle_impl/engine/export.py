@@ -30,9 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from .exporter import export, parse_input_size
+        from alignment.utils import parse_size
 
-        shape = parse_input_size(args.input_size)
+        from .exporter import export
+
+        shape = parse_size(args.input_size, "--input-size", "NCHW")
         cfg = _cli.load_cfg(args.config)
         model = _cli.build_model(cfg, args.weights)
         files = export(model, args.out, shape)
@@ -40,7 +42,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         deploy = {"model_type": cfg.model_type, "num_classes": cfg.num_classes, "input_shape": list(shape),
                   "normalize": {"mean": list(mean), "std": list(std), "to_bgr": to_bgr},
                   "palette": _cli.palette_name(_cli.dataset_type(cfg)),
-                  "custom_ops": cfg.model_type in ("psanet",), "model": files["model"], "params": files["params"]}
+                  "custom_ops": bool(cfg.spec.custom_ops), "model": files["model"], "params": files["params"]}
         with open(args.out + ".deploy.json", "w") as f:
             json.dump(deploy, f, indent=1)
         print(f"exported {files['model']} + {files['params']} (input {'x'.join(map(str, shape))})")

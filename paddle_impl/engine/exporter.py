@@ -8,9 +8,9 @@ Paddle 3 (PIR) writes ``PREFIX.json`` + ``PREFIX.pdiparams``; older Paddle (or F
 ``PREFIX.pdmodel`` + ``PREFIX.pdiparams``; ``infer`` takes either. The exported graph has a FIXED input shape
 (models with a size rule such as PSPNet's (H-1)%8 == 0 check it at trace time); export once per size you serve.
 
-On CPU ``infer`` runs with oneDNN disabled: Paddle's oneDNN ``interpolate`` kernel gives wrong results / fails
-(DESIGN.md, traps). Models using the PSA custom op need ``paddle_impl.ops.psa_mask.load_op()`` in the process
-that loads them (``infer`` calls it when ``custom_ops=True``).
+On CPU ``infer`` runs with oneDNN disabled: with oneDNN on, Paddle 3.3.1 cannot run the exported ``interpolate``
+(see docs/evaluation.md, "Export and inference"). Models using the PSA custom op need
+``paddle_impl.ops.psa_mask.load_op()`` in the process that loads them (``infer`` calls it when ``custom_ops=True``).
 """
 from __future__ import annotations
 
@@ -19,17 +19,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["export", "infer", "model_files", "create_predictor", "parse_input_size"]
-
-
-def parse_input_size(text: str) -> Tuple[int, int, int, int]:
-    try:
-        parts = tuple(int(v) for v in str(text).replace("x", ",").split(","))
-    except ValueError:
-        parts = ()
-    if len(parts) != 4 or any(p <= 0 for p in parts):
-        raise ValueError(f"input size must be N,C,H,W with positive integers, got {text!r}")
-    return parts  # type: ignore[return-value]
+__all__ = ["export", "infer", "model_files", "create_predictor"]
 
 
 def model_files(prefix) -> Tuple[str, str]:
@@ -85,7 +75,7 @@ def create_predictor(model_prefix, *, use_gpu: bool = False, threads: Optional[i
         config.enable_use_gpu(256, 0)
     else:
         config.disable_gpu()
-        config.disable_mkldnn()  # oneDNN interpolate is broken (DESIGN.md traps)
+        config.disable_mkldnn()  # Paddle 3.3.1's oneDNN path fails on the exported interpolate
         if threads:
             config.set_cpu_math_library_num_threads(int(threads))
     config.disable_glog_info()

@@ -44,6 +44,8 @@ import numpy as np
 import paddle
 import paddle.io
 
+from alignment.utils import atomic_write
+
 from .. import optim as optim_mod
 from ..losses import compute_loss
 from ..metrics import confusion_matrix, metrics_from_confusion
@@ -165,15 +167,6 @@ def evaluate_miou(model, dataset, num_classes: int, ignore_index: int = 255) -> 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # checkpoints
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 def _commit_dir(tmp: str, final: str) -> None:
     """Rename a fully written temporary directory into place (replacing an older one of the same name)."""
@@ -320,7 +313,8 @@ class Trainer:
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
         _commit_dir(tmp, final)
-        _atomic_write_text(os.path.join(self.save_dir, "latest"), name + "\n")
+        with atomic_write(os.path.join(self.save_dir, "latest"), encoding="utf-8", fsync=True) as f:
+            f.write(name + "\n")
         self._prune()
         self.log.info(f"[iter {it}] checkpoint saved: {final}")
 

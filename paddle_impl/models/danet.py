@@ -103,11 +103,6 @@ class DANetHead(L.Module):
 
 class DANet(L.Module):
     model_name = "DANet"
-    # Parameter groups of the official recipe: the head learns 10x faster than the backbone (`pretrained`).
-    head_prefixes = ("head.",)
-    # Zero-initialised parameters that switch whole branches off; the alignment gives them random values so the
-    # attentions take part in the compared outputs (a trained checkpoint has them non-zero).
-    zero_init_params = ("head.sa.gamma", "head.sc.gamma")
 
     def __init__(self, num_classes: int = 19, layers: int = 101, multi_grid: Optional[Sequence[int]] = (4, 8, 16),
                  dropout: float = 0.1, bn_momentum: float = 0.1):

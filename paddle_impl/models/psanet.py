@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from alignment.specs import ConfigInferenceError
+
 from .. import layers as L
 from ..ops.psa_mask import psa_mask
 from .semseg import SemsegNet, infer_backbone_config
@@ -124,7 +126,6 @@ def check_mask(mask: int, crop: Optional[int], shrink_factor: int, what: str = "
 
 class PSANet(SemsegNet):
     model_name = "PSANet"
-    head_prefixes = ("psa.", "cls.", "aux.")
 
     def __init__(self, num_classes: int = 19, layers: int = 50, psa_type: int = 2, compact: bool = False,
                  shrink_factor: int = 2, mask_h: int = 59, mask_w: int = 59,
@@ -140,14 +141,34 @@ class PSANet(SemsegNet):
         return self.psa(x)
 
 
+def _mask_hw(mask_size, mask_h: Optional[int], mask_w: Optional[int]) -> Optional[tuple]:
+    """(mask_h, mask_w) from `mask_size` (int or (h, w)) and/or semseg's own names `mask_h`, `mask_w`."""
+    from_size = None
+    if mask_size is not None:
+        from_size = (mask_size, mask_size) if isinstance(mask_size, int) else tuple(int(v) for v in mask_size)
+        if len(from_size) != 2:
+            raise ValueError(f"PSANet mask_size must be an int or (mask_h, mask_w), got {mask_size!r}")
+    if mask_h is None and mask_w is None:
+        return from_size
+    if mask_h is None or mask_w is None:
+        raise ValueError(f"PSANet: give both mask_h and mask_w (got mask_h={mask_h}, mask_w={mask_w})")
+    if from_size is not None and from_size != (mask_h, mask_w):
+        raise ValueError(f"PSANet: mask_size={mask_size!r} contradicts mask_h={mask_h}, mask_w={mask_w}")
+    return (int(mask_h), int(mask_w))
+
+
 def build(num_classes: int = 19, layers: int = 50, psa_type: Optional[int] = 2, mask_size=None,
-          crop: Optional[int] = None, compact: bool = False, shrink_factor: int = 2, **cfg) -> PSANet:
-    """mask_size: int or (mask_h, mask_w); default: semseg's full coverage of `crop` when given, else 59 (compact:
-    the shrunken feature size of `crop`). Explicit masks are checked against semseg's rule when `crop` is given."""
+          crop: Optional[int] = None, compact: bool = False, shrink_factor: int = 2,
+          mask_h: Optional[int] = None, mask_w: Optional[int] = None, **cfg) -> PSANet:
+    """mask_size: int or (mask_h, mask_w) (semseg's own `mask_h`, `mask_w` are accepted too); default: semseg's
+    full coverage of `crop` when given, else 59 (compact: the shrunken feature size of `crop`). Explicit masks are
+    checked against semseg's rule when `crop` is given."""
     if psa_type is None:
-        raise ValueError("PSANet: the checkpoint has a single PSA branch (no psa.reduce_p.*), so psa_type cannot be "
-                         "read off it; pass psa_type=0 (collect) or psa_type=1 (distribute)")
-    if mask_size is None:
+        raise ConfigInferenceError("PSANet: the checkpoint has a single PSA branch (no psa.reduce_p.*), so psa_type "
+                                   "cannot be read off it; pass psa_type=0 (collect) or psa_type=1 (distribute), "
+                                   "on the command line --cfg psa_type=0 or --cfg psa_type=1")
+    hw = _mask_hw(mask_size, mask_h, mask_w)
+    if hw is None:
         if compact:
             if crop is None:
                 raise ValueError("PSANet compact mode: pass crop (or mask_size = the shrunken feature size)")
@@ -156,7 +177,7 @@ def build(num_classes: int = 19, layers: int = 50, psa_type: Optional[int] = 2, 
             m = full_mask(crop, shrink_factor) if crop is not None else 59
         mask_h = mask_w = m
     else:
-        mask_h, mask_w = (mask_size, mask_size) if isinstance(mask_size, int) else tuple(mask_size)
+        mask_h, mask_w = hw
         if not compact:
             check_mask(mask_h, crop, shrink_factor, "mask_h")
             check_mask(mask_w, crop, shrink_factor, "mask_w")
@@ -164,17 +185,26 @@ def build(num_classes: int = 19, layers: int = 50, psa_type: Optional[int] = 2, 
                   shrink_factor=shrink_factor, mask_h=mask_h, mask_w=mask_w, **cfg)
 
 
-def infer_config(state_dict) -> dict:
-    """Class count, depth, psa_type (2 when the distribute branch exists) and mask size (from
-    psa.attention.3.weight: mask_h*mask_w output channels; a square mask is assumed)."""
+def infer_config(state_dict, given=None) -> dict:
+    """Class count, depth, psa_type (2 when the distribute branch exists) and mask size (psa.attention.3.weight has
+    mask_h*mask_w output channels: a square mask is read off it, any other needs mask_size given). Values in
+    `given` are not inferred."""
+    given = given or {}
     cfg = infer_backbone_config("PSANet", state_dict)
     if "psa.attention.3.weight" not in state_dict:
         raise KeyError("psa.attention.3.weight")
     channels = int(state_dict["psa.attention.3.weight"].shape[0])
-    m = math.isqrt(channels)
-    if m * m != channels:
-        raise ValueError(f"PSANet checkpoint: psa.attention.3.weight has {channels} output channels, not a square "
-                         "mask; pass mask_size=(mask_h, mask_w)")
-    cfg["mask_size"] = m
-    cfg["psa_type"] = 2 if "psa.reduce_p.0.weight" in state_dict else None
+    if not any(k in given for k in ("mask_size", "mask_h", "mask_w")):
+        m = math.isqrt(channels)
+        if m * m != channels:
+            raise ConfigInferenceError(f"PSANet checkpoint: psa.attention.3.weight has {channels} output channels, "
+                                       "not a square mask; pass mask_size=(mask_h, mask_w), on the command line "
+                                       "--cfg mask_size=MASK_H,MASK_W")
+        cfg["mask_size"] = m
+    if "psa_type" not in given:
+        if "psa.reduce_p.0.weight" not in state_dict:
+            raise ConfigInferenceError("PSANet checkpoint: a single PSA branch (no psa.reduce_p.*), so psa_type "
+                                       "cannot be read off it; pass psa_type=0 (collect) or psa_type=1 (distribute), "
+                                       "on the command line --cfg psa_type=0 or --cfg psa_type=1")
+        cfg["psa_type"] = 2
     return cfg

@@ -37,8 +37,6 @@ class SemsegNet(L.Module):
     and implement `context(x)`."""
 
     model_name = "semseg"
-    # Parameter groups of the semseg recipe: the head learns 10x faster than the backbone.
-    head_prefixes = ("cls.", "aux.")
 
     def __init__(self, num_classes: int, layers: int, dropout: float, zoom_factor: int, bn_momentum: float):
         super().__init__()

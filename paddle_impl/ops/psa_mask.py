@@ -15,6 +15,7 @@ Twin of torch_ref/ops/psa_mask.py.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 
@@ -25,7 +26,7 @@ from custom_ops import build as _build
 from custom_ops.psa_mask_common import (check_shape, dtype_error, gather_index, normalize_impl, normalize_mask_size,
                                         normalize_psa_type)
 
-__all__ = ["psa_mask", "load_op", "op_available", "library_path"]
+__all__ = ["psa_mask", "load_op", "op_available"]
 
 _FLOAT_DTYPES = (paddle.float16, paddle.bfloat16, paddle.float32, paddle.float64)
 _state = {"module": None, "unavailable": None, "warned": set()}
@@ -60,18 +61,13 @@ def op_available() -> bool:
         return False
 
 
-def library_path():
-    """Path of the compiled op library (built if needed)."""
-    return load_op().library_path
-
-
 def _warn_once(key: str, message: str) -> None:
     if key not in _state["warned"]:
         _state["warned"].add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _device_problem(x) -> str | None:
+def _device_problem(x: paddle.Tensor) -> str | None:
     """Why the compiled operator has no kernel for x's place (None when it has one)."""
     if not paddle.in_dynamic_mode():
         return None  # the place is decided when the program runs; the kernel checks it then
@@ -94,20 +90,13 @@ def _check_input(x) -> None:
         raise dtype_error(x.dtype)
 
 
-_index_cache: dict = {}
+@functools.lru_cache(maxsize=16)
+def _index_tensor(h: int, w: int, mask_h: int, mask_w: int, psa_type: int, device) -> paddle.Tensor:
+    return paddle.as_tensor(gather_index(h, w, mask_h, mask_w, psa_type).copy(), device=device)
 
 
-def _index_tensor(h: int, w: int, mask_h: int, mask_w: int, psa_type: int, place) -> paddle.Tensor:
-    key = (h, w, mask_h, mask_w, psa_type, str(place))
-    if key not in _index_cache:
-        if len(_index_cache) >= 16:
-            _index_cache.pop(next(iter(_index_cache)))
-        _index_cache[key] = paddle.to_tensor(gather_index(h, w, mask_h, mask_w, psa_type).copy(), place=place)
-    return _index_cache[key]
-
-
-def _psa_mask_tensor(x, psa_type: int, mask_h: int, mask_w: int):
-    _, c, h, w = x.shape
+def _psa_mask_tensor(x: paddle.Tensor, psa_type: int, mask_h: int, mask_w: int) -> paddle.Tensor:
+    n, c, h, w = x.shape
     if h < 0 or w < 0:
         raise ValueError(f"psa_mask(impl='tensor'): H and W must be known, got shape {x.shape}")
     if x.dtype in (paddle.float16, paddle.bfloat16) and paddle.in_dynamic_mode() and x.place.is_cpu_place():
@@ -118,9 +107,9 @@ def _psa_mask_tensor(x, psa_type: int, mask_h: int, mask_w: int):
         index = _index_tensor(h, w, mask_h, mask_w, psa_type, x.place)
     else:
         index = paddle.to_tensor(gather_index(h, w, mask_h, mask_w, psa_type).copy())
-    flat = x.reshape([-1, c * h * w])
+    flat = x.reshape([n, c * h * w])
     padded = paddle.concat([flat, paddle.zeros_like(flat[:, :1])], axis=1)
-    return paddle.index_select(padded, index, axis=1).reshape([-1, h * w, h, w])
+    return paddle.index_select(padded, index=index, axis=1).reshape([n, h * w, h, w])
 
 
 @unified
@@ -136,8 +125,6 @@ def psa_mask(x: paddle.Tensor, psa_type, mask_size, impl: str = "auto") -> paddl
     mask_h, mask_w = normalize_mask_size(mask_size)
     _check_input(x)
     check_shape(x.shape, mask_h, mask_w)
-    if paddle.in_dynamic_mode() and not x.is_contiguous():
-        x = x.contiguous()
     if impl == "tensor":
         return _psa_mask_tensor(x, t, mask_h, mask_w)
     try:

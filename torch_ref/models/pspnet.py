@@ -40,7 +40,6 @@ class PPM(L.Module):
 
 class PSPNet(SemsegNet):
     model_name = "PSPNet"
-    head_prefixes = ("ppm.", "cls.", "aux.")
 
     def __init__(self, num_classes: int = 19, layers: int = 50, bins: Sequence[int] = (1, 2, 3, 6),
                  dropout: float = 0.1, zoom_factor: int = 8, bn_momentum: float = 0.1):

@@ -119,16 +119,16 @@ def _check_input(x) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def _index_tensor(h: int, w: int, mask_h: int, mask_w: int, psa_type: int, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(gather_index(h, w, mask_h, mask_w, psa_type).copy()).to(device)
+def _index_tensor(h: int, w: int, mask_h: int, mask_w: int, psa_type: int, device) -> torch.Tensor:
+    return torch.as_tensor(gather_index(h, w, mask_h, mask_w, psa_type).copy(), device=device)
 
 
 def _psa_mask_tensor(x: torch.Tensor, psa_type: int, mask_h: int, mask_w: int) -> torch.Tensor:
     n, c, h, w = x.shape
     index = _index_tensor(h, w, mask_h, mask_w, psa_type, x.device)
-    flat = x.reshape(n, c * h * w)
-    padded = torch.cat([flat, flat.new_zeros((n, 1))], dim=1)
-    return padded.index_select(1, index).view(n, h * w, h, w)
+    flat = x.reshape([n, c * h * w])
+    padded = torch.cat([flat, torch.zeros_like(flat[:, :1])], dim=1)
+    return torch.index_select(padded, index=index, dim=1).reshape([n, h * w, h, w])
 
 
 def psa_mask(x: torch.Tensor, psa_type, mask_size, impl: str = "auto") -> torch.Tensor:
