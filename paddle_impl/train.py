@@ -40,6 +40,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--seed", type=int, default=None, help="override seed")
     p.add_argument("--batch-size", type=int, default=None, help="override batch_size (per process)")
     p.add_argument("--num-workers", type=int, default=None, help="override num_workers")
+    p.add_argument("--overwrite", action="store_true",
+                   help="the save dir holds an earlier run: delete its checkpoints, best model and log, start again "
+                        "(without it, such a save dir is refused unless --resume)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
 
@@ -54,16 +57,26 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
         save_dir = args.save_dir or cfg.raw.get("save_dir") or os.path.join(
             "output", os.path.splitext(os.path.basename(args.config))[0])
+        if args.resume and args.overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other")
         result = Trainer(cfg, save_dir, resume=args.resume, data_root=args.data_root,
-                         progress=not args.no_progress).train()
-    except (ConfigError, FileNotFoundError, TrainingDiverged, ValueError) as e:
-        print(f"segtwin train: error: {e}", file=sys.stderr)
+                         progress=not args.no_progress, overwrite=args.overwrite).train()
+    except TrainingDiverged as e:  # the job's own failure
+        print(f"segtwin train: error: {_one_line(e)}", file=sys.stderr)
         return 1
+    except (ConfigError, OSError, ValueError, KeyError) as e:  # bad input: config, data, weights, run dir
+        print(f"segtwin train: error: {_one_line(e)}", file=sys.stderr)
+        return 2
     if result["rank"] != 0:
         return 0
     print(f"segtwin train: done at iteration {result['iteration']}; best mIoU {result['best_miou']:.4f} "
           f"(iter {result['best_iter']}); checkpoints in {save_dir}", file=sys.stderr)
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+    return text or type(e).__name__
 
 
 def main(argv: Optional[List[str]] = None) -> int:

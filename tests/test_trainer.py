@@ -76,7 +76,7 @@ def test_loss_decreases(tmp_path, data, dataset, sub):
     out = tmp_path / "out"
     assert (out / "latest").read_text().strip() == "iter_10"
     assert sorted(p.name for p in (out / "iter_10").iterdir()) == ["meta.json", "model.pdopt", "model.pdparams",
-                                                                    "state.pkl"]
+                                                                    "state.json"]
     assert (out / "best_model" / "model.pdparams").is_file()
     log = (out / "train.log").read_text()
     for word in ("main=", "aux=", "lr=", "batch_cost=", "reader_cost=", "ips=", "[EVAL] iter 10: mIoU="):
@@ -217,7 +217,7 @@ def test_missing_dataset_root_names_path(tmp_path, data, capsys):
     with pytest.raises(FileNotFoundError, match=str(missing)):
         load_config(p).build_dataset("train")
     from paddle_impl import train
-    assert train.main(["--config", str(p), "--save-dir", str(tmp_path / "o"), "--no-progress"]) == 1
+    assert train.main(["--config", str(p), "--save-dir", str(tmp_path / "o"), "--no-progress"]) == 2  # bad input
     err = capsys.readouterr().err
     assert str(missing) in err and "train_dataset.dataset_root" in err
 
@@ -319,7 +319,8 @@ def test_workers_do_not_change_the_result(tmp_path, data):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, data, capsys):
     p = tiny_config(tmp_path / "tiny.yml", "Cityscapes", data / "cs", iters=1)
     from paddle_impl import train
-    assert train.main(["--config", str(p), "--save-dir", str(tmp_path / "empty"), "--resume", "--no-progress"]) == 1
+    argv = ["--config", str(p), "--save-dir", str(tmp_path / "empty"), "--resume", "--no-progress"]
+    assert train.main(argv) == 2  # bad input
     assert "no checkpoint to resume at" in capsys.readouterr().err
 
 

@@ -8,8 +8,9 @@ Layout (as downloaded: ``leftImg8bit_trainvaltest.zip`` + ``gtFine_trainvaltest.
 Labels: when ``..._gtFine_labelTrainIds.png`` (written by cityscapesscripts' ``csCreateTrainIdLabelImgs``, used by
 PaddleSeg / mmseg) exists next to the ``_labelIds.png`` it is PREFERRED and read as trainIds directly (values must be
 0..18 or 255). Otherwise the official **labelIds** PNG is mapped to the 19 trainIds at load time through a 256-entry
-lookup table built from ``cityscapesscripts.helpers.labels.labels`` (ids whose trainId is 255 or -1 -> 255, ids not
-in the table -> 255). No preprocessing is needed; ``prefer_train_ids=False`` always uses the labelIds.
+lookup table built from ``cityscapesscripts.helpers.labels.labels`` (ids whose trainId is 255 or -1 -> 255; an id
+not in the table is an error naming the file and the value). No preprocessing is needed; ``prefer_train_ids=False``
+always uses the labelIds.
 
 ``list_file`` (PaddleSeg ``train_path`` style) replaces the directory scan: lines ``IMAGE LABEL`` relative to ROOT
 (or absolute); a label named ``*labelIds.png`` (but not ``*labelTrainIds.png``) is mapped through the table, any other
@@ -27,7 +28,7 @@ import numpy as np
 import paddle.io
 
 __all__ = ["Cityscapes", "SegDataset", "labelid_to_trainid_lut", "read_rgb", "read_index_png", "check_label_values",
-           "read_list_file"]
+           "check_label_ids", "read_list_file"]
 
 Transform = Callable[[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]
 
@@ -171,6 +172,28 @@ def labelid_to_trainid_lut() -> np.ndarray:
     return lut
 
 
+def _known_label_ids() -> np.ndarray:
+    """Sorted labelIds of cityscapesscripts' table that a labelIds PNG can hold (0..33; -1 is never written)."""
+    from cityscapesscripts.helpers.labels import labels
+
+    return np.array(sorted({lb.id for lb in labels if 0 <= lb.id <= 255}), dtype=np.int64)
+
+
+def check_label_ids(ids: np.ndarray, path: str) -> None:
+    """ValueError naming the file and the values when a labelIds PNG holds an id outside cityscapesscripts' table
+    (such a pixel would otherwise be mapped to 'ignore' without a word)."""
+    known = _known_label_ids()
+    if ids.size == 0 or (int(ids.min()) >= int(known[0]) and int(ids.max()) <= int(known[-1])
+                         and known.size == int(known[-1]) - int(known[0]) + 1):
+        return
+    vals = np.unique(ids)
+    bad = [int(v) for v in vals if v not in set(known.tolist())]
+    if bad:
+        shown = ", ".join(str(v) for v in bad[:10]) + (" ..." if len(bad) > 10 else "")
+        raise ValueError(f"label {path} holds labelId value(s) {shown} that are not in cityscapesscripts' label table "
+                         f"(ids {int(known[0])}..{int(known[-1])})")
+
+
 def _class_names() -> Tuple[str, ...]:
     from cityscapesscripts.helpers.labels import labels
 
@@ -267,6 +290,7 @@ class Cityscapes(SegDataset):
         name = os.path.basename(path)
         if name.endswith("labelIds.png") and not name.endswith("labelTrainIds.png"):
             ids = read_index_png(path, "Cityscapes labelIds")
+            check_label_ids(ids, path)
             return self.lut[ids].astype(np.int64)
         ids = read_index_png(path, "Cityscapes labelTrainIds")
         check_label_values(ids, self.num_classes, self.ignore_index, path)

@@ -17,11 +17,17 @@ many times something was called before:
 
 Checkpoints additionally store the Python / numpy / Paddle generator states (restored on resume).
 
+Faults: a sample that cannot be read or holds bad values stops the run at once with a `DataError` naming the file
+(the batches are read in this process, or by worker processes whose exceptions come back with the batch: nothing
+can hang on a dead reader thread); a checkpoint is written only when every model and optimizer tensor is finite, so
+`latest` always names a finite, loadable checkpoint, and a divergence names it with the command to resume from it.
+
 Checkpoint layout (written atomically: a temporary directory renamed into place, then the ``latest`` pointer)::
 
     SAVE_DIR/iter_N/model.pdparams     model state_dict (parameters + BN buffers)
     SAVE_DIR/iter_N/model.pdopt        optimizer state, keyed by STRUCTURED parameter names
-    SAVE_DIR/iter_N/state.pkl          iteration, epoch, lr schedule, best mIoU, RNG states, AMP scaler
+    SAVE_DIR/iter_N/state.json         iteration, epoch, lr schedule, best mIoU, RNG states, AMP scaler (plain JSON:
+                                       reading a checkpoint never runs code; no pickle anywhere)
     SAVE_DIR/iter_N/meta.json          the same, human readable (no RNG states)
     SAVE_DIR/latest                    text: the name of the newest complete checkpoint (``iter_N``)
     SAVE_DIR/best_model/model.pdparams best val mIoU so far (+ meta.json)
@@ -32,8 +38,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import os
-import pickle
 import random
 import shutil
 import sys
@@ -50,8 +56,8 @@ from .. import optim as optim_mod
 from ..losses import compute_loss
 from ..metrics import confusion_matrix, metrics_from_confusion
 
-__all__ = ["Trainer", "TrainingDiverged", "ResumableBatchSampler", "SeededSamples", "evaluate_miou",
-           "find_checkpoint", "load_checkpoint_state", "DUMP_ENV"]
+__all__ = ["Trainer", "TrainingDiverged", "DataError", "RunDirError", "ResumableBatchSampler", "SeededSamples",
+           "evaluate_miou", "find_checkpoint", "load_checkpoint_state", "DUMP_ENV"]
 
 #: when set to a directory, every rank writes ``rank{r}.npz`` (trainable parameters) there at the end of training
 DUMP_ENV = "SEGTWIN_DUMP_RANK_PARAMS"
@@ -59,7 +65,17 @@ CKPT_PREFIX = "iter_"
 
 
 class TrainingDiverged(RuntimeError):
-    """A loss term became NaN or Inf; the message names the iteration and the term."""
+    """A loss term or a weight became NaN or Inf; the message names the iteration, the term and the last good
+    checkpoint (exit status 1: the job's own failure)."""
+
+
+class DataError(ValueError):
+    """A training or validation sample cannot be used (unreadable, truncated, sizes differ, label values outside the
+    dataset's set); the one-line message names the file (exit status 2: bad input)."""
+
+
+class RunDirError(ValueError):
+    """The save dir cannot be used as asked: it holds another run, or its checkpoint cannot be read safely."""
 
 
 def _logger(name: str = "segtwin.train") -> logging.Logger:
@@ -103,8 +119,71 @@ class SeededSamples(paddle.io.Dataset):
         tf = getattr(self.dataset, "transforms", None)
         if tf is not None and hasattr(tf, "reseed"):
             tf.reseed(np.random.SeedSequence([self.seed, epoch, i]))
-        image, label = self.dataset[i]
+        try:
+            image, label = self.dataset[i]
+        except (OSError, ValueError, IndexError) as e:
+            raise DataError(_sample_error(self.dataset, i, e)) from None
         return np.asarray(image, dtype=np.float32), np.asarray(label, dtype=np.int64)
+
+
+def _sample_error(dataset, i: int, e: BaseException) -> str:
+    """One line: the dataset's own message (it names the file) and, when it does not, the sample's files."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    files = getattr(dataset, "files", None)
+    if files is not None and 0 <= i < len(files) and not any(str(f) in msg for f in files[i]):
+        msg += f" (sample {i}: {', '.join(str(f) for f in files[i])})"
+    return f"bad {type(dataset).__name__} sample: {msg}"
+
+
+# The batches of a training run: read in this process (num_workers 0) or by a pool of forked worker processes that
+# each return whole batches in order. An exception while reading comes back as the exception itself, so the run ends
+# at once with its message; Paddle's DataLoader, whose reader THREAD dies silently on an exception, left the main
+# loop waiting forever on its queue (num_workers 0).
+_WORKER_SAMPLES = None
+
+
+def _init_worker(samples) -> None:
+    global _WORKER_SAMPLES
+    _WORKER_SAMPLES = samples
+    try:
+        import cv2
+        cv2.setNumThreads(0)
+    except Exception:  # pragma: no cover - cv2 is a dependency; thread count is an optimisation
+        pass
+
+
+def _read_batch(samples, keys):
+    items = [samples[k] for k in keys]
+    return np.stack([a for a, _ in items]), np.stack([b for _, b in items])
+
+
+def _worker_batch(keys):
+    return _read_batch(_WORKER_SAMPLES, keys)
+
+
+class BatchReader:
+    """Iterate numpy batches (images, labels) for a list of key batches; `close()` stops the workers."""
+
+    def __init__(self, samples, num_workers: int = 0):
+        self.samples = samples
+        self.num_workers = int(num_workers)
+        self._pool = None
+
+    def __call__(self, key_batches):
+        if self.num_workers <= 0:
+            for keys in key_batches:
+                yield _read_batch(self.samples, keys)
+            return
+        if self._pool is None:
+            ctx = multiprocessing.get_context("fork")
+            self._pool = ctx.Pool(self.num_workers, initializer=_init_worker, initargs=(self.samples,))
+        yield from self._pool.imap(_worker_batch, key_batches, chunksize=1)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
 
 
 class ResumableBatchSampler(paddle.io.BatchSampler):
@@ -147,7 +226,10 @@ def evaluate_miou(model, dataset, num_classes: int, ignore_index: int = 255) -> 
     cm = None
     with paddle.no_grad():
         for i in range(len(dataset)):
-            image, label = dataset[i]
+            try:
+                image, label = dataset[i]
+            except (OSError, ValueError, IndexError) as e:
+                raise DataError(_sample_error(dataset, i, e)) from None
             x = paddle.to_tensor(np.asarray(image, np.float32)[None])
             y = paddle.to_tensor(np.asarray(label, np.int64)[None])
             logits = model(x)
@@ -179,26 +261,51 @@ def _commit_dir(tmp: str, final: str) -> None:
         os.replace(tmp, final)
 
 
+STATE_FILE = "state.json"
+LEGACY_STATE = "state.pkl"
+
+
 def find_checkpoint(path: str) -> str:
-    """A checkpoint directory from ``path``: a checkpoint dir itself (holding state.pkl), or a save dir holding a
+    """A checkpoint directory from ``path``: a checkpoint dir itself (holding state.json), or a save dir holding a
     ``latest`` pointer."""
-    if os.path.isfile(os.path.join(path, "state.pkl")):
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
         return path
+    if os.path.isfile(os.path.join(path, LEGACY_STATE)):
+        raise RunDirError(f"{os.path.join(path, LEGACY_STATE)}: a pickled training state (older segtwin) is never "
+                          f"read: unpickling a file can run any code it names. Resume from a checkpoint written by "
+                          f"this version (state.json), or start the run again")
     pointer = os.path.join(path, "latest")
     if os.path.isfile(pointer):
         with open(pointer, encoding="utf-8") as f:
             name = f.read().strip()
         ckpt = os.path.join(path, name)
-        if not os.path.isfile(os.path.join(ckpt, "state.pkl")):
+        if not os.path.isfile(os.path.join(ckpt, STATE_FILE)):
             raise FileNotFoundError(f"{pointer} points to {ckpt}, which is not a complete checkpoint")
         return ckpt
-    raise FileNotFoundError(f"no checkpoint to resume at {path}: neither a checkpoint directory (with state.pkl) "
+    raise FileNotFoundError(f"no checkpoint to resume at {path}: neither a checkpoint directory (with {STATE_FILE}) "
                             f"nor a save dir with a 'latest' pointer file")
 
 
 def load_checkpoint_state(ckpt: str) -> Dict[str, Any]:
-    with open(os.path.join(ckpt, "state.pkl"), "rb") as f:
-        return pickle.load(f)
+    """The training state of a checkpoint (plain JSON; RunDirError naming the file when it is not readable)."""
+    path = os.path.join(ckpt, STATE_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"{path}: cannot read the training state ({' '.join(str(e).split())})") from None
+    if not isinstance(state, dict) or "iteration" not in state or "rng" not in state:
+        raise RunDirError(f"{path}: not a segtwin training state (no 'iteration' / 'rng')")
+    return state
+
+
+def _nonfinite(named_tensors) -> list:
+    """Names of the floating tensors holding NaN or Inf."""
+    bad = []
+    for name, t in named_tensors:
+        if hasattr(t, "dtype") and "float" in str(t.dtype) and not bool(paddle.isfinite(t).all()):
+            bad.append(name)
+    return bad
 
 
 def _opt_state_by_structured_name(opt_state: Dict[str, Any], model, to_structured: bool) -> Dict[str, Any]:
@@ -222,13 +329,42 @@ def _opt_state_by_structured_name(opt_state: Dict[str, Any], model, to_structure
 
 
 def _rng_states() -> Dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "paddle": paddle.get_rng_state()}
+    """Python / numpy / Paddle generator states as plain JSON values."""
+    py_version, py_state, py_gauss = random.getstate()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": [py_version, list(py_state), py_gauss],
+            "numpy": [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(gauss)],
+            "paddle": [list(g.__getstate__()) for g in paddle.get_rng_state()]}
 
 
 def _set_rng_states(states: Dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    paddle.set_rng_state(states["paddle"])
+    from paddle.base.libpaddle import GeneratorState
+
+    py_version, py_state, py_gauss = states["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    gens = []
+    for st in states["paddle"]:
+        g = GeneratorState.__new__(GeneratorState)
+        g.__setstate__(tuple(st))
+        gens.append(g)
+    paddle.set_rng_state(gens)
+
+
+def _plain(value):
+    """A JSON-able copy of a (nested) state value: tensors and numpy values as python numbers / lists."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "numpy"):
+        value = value.numpy()
+    if isinstance(value, np.ndarray):
+        return value.item() if value.size == 1 else value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -242,8 +378,10 @@ class Trainer:
     """
 
     def __init__(self, cfg, save_dir: str, resume: Optional[str] = None, data_root: Optional[str] = None,
-                 progress: bool = True):
+                 progress: bool = True, overwrite: bool = False):
         self.cfg = cfg
+        self.overwrite = overwrite
+        self.last_good: Optional[str] = None  # the newest checkpoint written (or resumed from): finite, loadable
         self.raw = cfg.raw
         self.save_dir = os.fspath(save_dir)
         self.resume = resume
@@ -259,11 +397,35 @@ class Trainer:
         #: per-iteration record {'iter', 'lr', <loss terms>, 'loss'} of this run (python floats)
         self.history = []
 
+    # -------------------------------------------------------------------------------------------- run dir
+    def _previous_run(self) -> list:
+        """What of an earlier run the save dir holds (checkpoints, the latest pointer, best_model)."""
+        if not os.path.isdir(self.save_dir):
+            return []
+        return sorted(d for d in os.listdir(self.save_dir) if d in ("latest", "best_model")
+                      or (d.startswith(CKPT_PREFIX) and d[len(CKPT_PREFIX):].isdigit()))
+
+    def _claim_save_dir(self) -> None:
+        """Never mix two runs: an earlier run in the save dir is continued (--resume) or removed (--overwrite)."""
+        found = self._previous_run()
+        if not found or self.resume:
+            return
+        if not self.overwrite:
+            raise RunDirError(f"save dir {self.save_dir} already holds a run ({', '.join(found[:4])}"
+                              f"{', ...' if len(found) > 4 else ''}): pass --resume to continue it, --overwrite to "
+                              f"delete it and start again, or choose another --save-dir")
+        for d in found + [d for d in ("train.log", "vdl") if os.path.exists(os.path.join(self.save_dir, d))]:
+            path = os.path.join(self.save_dir, d)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
     # -------------------------------------------------------------------------------------------- logging
     def _setup_logging(self) -> None:
         if not self.is_main:
             return
         os.makedirs(self.save_dir, exist_ok=True)
+        if not os.access(self.save_dir, os.W_OK):
+            raise RunDirError(f"save dir {self.save_dir} is not writable")
+        self._claim_save_dir()
         fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
         fh = logging.FileHandler(os.path.join(self.save_dir, "train.log"), encoding="utf-8")
         fh.setFormatter(fmt)
@@ -293,10 +455,47 @@ class Trainer:
             self._vdl.add_scalar(tag, value, step)
 
     # -------------------------------------------------------------------------------------------- checkpoints
+    def _check_weights_finite(self, it: int) -> None:
+        """TrainingDiverged when a model or optimizer tensor holds NaN/Inf: such a state is never written."""
+        bad = _nonfinite(self.model.state_dict().items())
+        opt = self.optimizer.state_dict()
+        bad_opt = _nonfinite((k, v) for k, v in opt.items() if hasattr(v, "dtype"))
+        if bad or bad_opt:
+            total = len(self.model.state_dict())
+            shown = ", ".join((bad + bad_opt)[:3])
+            raise TrainingDiverged(f"training diverged by iteration {it}: {len(bad)} of {total} model tensors "
+                                   f"and {len(bad_opt)} optimizer tensors hold NaN/Inf (e.g. {shown}); no checkpoint "
+                                   f"was written{self._resume_hint()}")
+
+    def _resume_hint(self) -> str:
+        if self.last_good is None:
+            return "; no checkpoint of this run exists yet: lower lr_scheduler.learning_rate and start again"
+        return (f"; the last good checkpoint is {self.last_good}: continue from it with a lower "
+                f"lr_scheduler.learning_rate: segtwin train --config {self.cfg.path} --save-dir {self.save_dir} "
+                f"--resume")
+
     def _save_checkpoint(self, it: int, epoch: int) -> None:
+        self._check_weights_finite(it)
         name = f"{CKPT_PREFIX}{it}"
         final = os.path.join(self.save_dir, name)
         tmp = os.path.join(self.save_dir, f".{name}.tmp-{os.getpid()}")
+        try:
+            self._write_checkpoint(tmp, it, epoch)
+            _commit_dir(tmp, final)
+        except OSError as e:  # e.g. a full disk: the temporary directory goes, the previous checkpoint stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = f"; the previous checkpoint {self.last_good} is intact" if self.last_good else ""
+            raise OSError(e.errno, f"cannot write checkpoint {final}: {e.strerror or e}{kept}") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        with atomic_write(os.path.join(self.save_dir, "latest"), encoding="utf-8", fsync=True) as f:
+            f.write(name + "\n")
+        self.last_good = final
+        self._prune()
+        self.log.info(f"[iter {it}] checkpoint saved: {final}")
+
+    def _write_checkpoint(self, tmp: str, it: int, epoch: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         paddle.save(self.model.state_dict(), os.path.join(tmp, "model.pdparams"))
@@ -305,18 +504,14 @@ class Trainer:
         meta = {"iteration": it, "epoch": epoch, "schedule": self.schedule.state_dict(), "best_miou": self.best_miou,
                 "best_iter": self.best_iter, "seed": self.seed, "world_size": self.world_size,
                 "batch_size": self.batch_size, "config": self.cfg.path}
-        state = dict(meta, rng=_rng_states(), scaler=self.scaler.state_dict() if self.scaler is not None else None)
-        with open(os.path.join(tmp, "state.pkl"), "wb") as f:
-            pickle.dump(state, f)
+        state = dict(meta, rng=_rng_states(),
+                     scaler=_plain(self.scaler.state_dict()) if self.scaler is not None else None)
+        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as f:
+            json.dump(state, f)
             f.flush()
             os.fsync(f.fileno())
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
-        _commit_dir(tmp, final)
-        with atomic_write(os.path.join(self.save_dir, "latest"), encoding="utf-8", fsync=True) as f:
-            f.write(name + "\n")
-        self._prune()
-        self.log.info(f"[iter {it}] checkpoint saved: {final}")
 
     def _remove_stale_temporaries(self) -> None:
         """Leftovers of a run killed while saving (never a complete checkpoint: those are renamed into place)."""
@@ -340,6 +535,7 @@ class Trainer:
             shutil.rmtree(os.path.join(self.save_dir, f"{CKPT_PREFIX}{n}"), ignore_errors=True)
 
     def _save_best(self, it: int, metrics: Dict[str, Any]) -> None:
+        self._check_weights_finite(it)
         final = os.path.join(self.save_dir, "best_model")
         tmp = os.path.join(self.save_dir, f".best_model.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -350,13 +546,55 @@ class Trainer:
                       f, indent=2)
         _commit_dir(tmp, final)
 
+    def _older_checkpoints(self, ckpt: str) -> list:
+        """Complete checkpoints next to `ckpt` with a lower iteration, newest first."""
+        parent, name = os.path.split(os.path.normpath(ckpt))
+        if not (name.startswith(CKPT_PREFIX) and name[len(CKPT_PREFIX):].isdigit()):
+            return []
+        n = int(name[len(CKPT_PREFIX):])
+        older = [int(d[len(CKPT_PREFIX):]) for d in os.listdir(parent)
+                 if d.startswith(CKPT_PREFIX) and d[len(CKPT_PREFIX):].isdigit() and int(d[len(CKPT_PREFIX):]) < n]
+        return [os.path.join(parent, f"{CKPT_PREFIX}{k}") for k in sorted(older, reverse=True)
+                if os.path.isfile(os.path.join(parent, f"{CKPT_PREFIX}{k}", STATE_FILE))]
+
+    def _read_checkpoint(self, ckpt: str):
+        """(state, model state_dict, optimizer state) of `ckpt`; RunDirError naming the file when one is unreadable
+        or holds NaN/Inf."""
+        state = load_checkpoint_state(ckpt)
+        arrays = []
+        for fname in ("model.pdparams", "model.pdopt"):
+            path = os.path.join(ckpt, fname)
+            try:
+                obj = paddle.load(path)
+            except Exception as e:  # noqa: BLE001 - any failure to read is a bad checkpoint file
+                raise RunDirError(f"{path}: cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]})") \
+                    from None
+            if not isinstance(obj, dict):
+                raise RunDirError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+            bad = _nonfinite((k, v) for k, v in obj.items() if hasattr(v, "dtype"))
+            if bad:
+                raise RunDirError(f"{path}: {len(bad)} tensor(s) hold NaN/Inf (e.g. {', '.join(bad[:3])})")
+            arrays.append(obj)
+        return state, arrays[0], arrays[1]
+
     def _load_checkpoint(self, path: str) -> int:
         from ..checkpoint import strict_load
         ckpt = find_checkpoint(path)
-        state = load_checkpoint_state(ckpt)
-        strict_load(self.model, paddle.load(os.path.join(ckpt, "model.pdparams")),
-                    source=os.path.join(ckpt, "model.pdparams"))
-        opt_state = paddle.load(os.path.join(ckpt, "model.pdopt"))
+        try:
+            state, model_sd, opt_state = self._read_checkpoint(ckpt)
+        except RunDirError as first:
+            for older in self._older_checkpoints(ckpt):
+                try:
+                    state, model_sd, opt_state = self._read_checkpoint(older)
+                except RunDirError:
+                    continue
+                self.log.warning(f"the newest checkpoint {ckpt} is unusable ({first}); resuming from the previous "
+                                 f"one, {older}")
+                ckpt = older
+                break
+            else:
+                raise
+        strict_load(self.model, model_sd, source=os.path.join(ckpt, "model.pdparams"))
         self.optimizer.set_state_dict(_opt_state_by_structured_name(opt_state, self.model, False))
         if state["schedule"] != self.schedule.state_dict():
             self.log.warning(f"resuming with a different lr schedule: checkpoint {state['schedule']}, "
@@ -368,6 +606,18 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         _set_rng_states(state["rng"])
         self.best_miou, self.best_iter = state["best_miou"], state["best_iter"]
+        # The checkpoint of iteration N is written before that iteration's evaluation, so best_model may hold a
+        # better model of an iteration <= N than the state knows of: keep it as the best so far.
+        best_meta = os.path.join(self.save_dir, "best_model", "meta.json")
+        if os.path.isfile(best_meta):
+            try:
+                with open(best_meta, encoding="utf-8") as f:
+                    bm = json.load(f)
+                if int(bm["iteration"]) <= int(state["iteration"]) and float(bm["mIoU"]) > self.best_miou:
+                    self.best_miou, self.best_iter = float(bm["mIoU"]), int(bm["iteration"])
+            except (OSError, ValueError, KeyError, TypeError):
+                self.log.warning(f"{best_meta} is unreadable; the best model so far is taken from {ckpt}")
+        self.last_good = ckpt
         self.log.info(f"resumed from {ckpt} at iteration {state['iteration']}")
         return int(state["iteration"])
 
@@ -396,8 +646,7 @@ class Trainer:
         if len(self.sampler) == 0:
             raise ValueError(f"{cfg.file}: the training set has {len(train_set)} samples, fewer than batch_size "
                              f"{self.batch_size} x {self.world_size} rank(s): no full batch")
-        self.loader = paddle.io.DataLoader(self.train_set, batch_sampler=self.sampler,
-                                           num_workers=int(raw["num_workers"]), use_shared_memory=False)
+        self.reader = BatchReader(self.train_set, int(raw["num_workers"]))
         self.val_set = (cfg.build_dataset("val", root=self.data_root, seed=self.seed)
                         if "val_dataset" in raw and self.is_main else None)
         self.best_miou, self.best_iter = -1.0, -1
@@ -416,7 +665,7 @@ class Trainer:
                      else "a loss term on another rank")
             raise TrainingDiverged(f"training diverged at iteration {it}: {where} (all terms: "
                                    f"{', '.join(f'{k}={v:.6g}' for k, v in values.items())}); lower the learning "
-                                   f"rate or check the data")
+                                   f"rate or check the data{self._resume_hint()}")
 
     def train(self) -> Dict[str, Any]:
         """Run to ``iters``; returns {'iteration', 'rank', 'best_miou', 'best_iter', 'last_loss'}."""
@@ -461,9 +710,9 @@ class Trainer:
                 e, pos = divmod(it, per_epoch)
                 if e != epoch or data_iter is None:
                     epoch = e
-                    self.sampler.set_epoch(epoch, start_batch=pos)
-                    data_iter = iter(self.loader)
+                    data_iter = self.reader(self.sampler.batches(epoch)[pos:])
                 images, labels = next(data_iter)
+                images, labels = paddle.to_tensor(images), paddle.to_tensor(labels)
                 t1 = time.perf_counter()
                 lr = self.schedule.lr_at(it)
                 optim_mod.set_lr(self.optimizer, lr)
@@ -513,6 +762,8 @@ class Trainer:
                     self._scalar("Train/batch_cost", bc, it)
                     self._scalar("Train/reader_cost", rc, it)
                     sums, batch_cost, reader_cost, n_window = {}, 0.0, 0.0, 0
+                if self.is_main and (it % save_iters == 0 or it == self.iters):
+                    self._save_checkpoint(it, epoch)
                 if self.val_set is not None and (it % eval_iters == 0 or it == self.iters):
                     m = evaluate_miou(self.model, self.val_set, self.cfg.num_classes, self.cfg.ignore_index)
                     if m["mIoU"] > self.best_miou:
@@ -522,11 +773,10 @@ class Trainer:
                                   f"(best mIoU {self.best_miou:.4f} at iter {self.best_iter})")
                     self._scalar("Evaluate/mIoU", m["mIoU"], it)
                     self._scalar("Evaluate/Acc", m["Acc"], it)
-                if self.is_main and (it % save_iters == 0 or it == self.iters):
-                    self._save_checkpoint(it, epoch)
         finally:
             if bar is not None:
                 bar.close()
+            self.reader.close()
         self._dump_rank_params()
         return {"iteration": it, "rank": self.rank, "best_miou": self.best_miou, "best_iter": self.best_iter,
                 "last_loss": last.get("loss")}
