@@ -14,18 +14,28 @@ from typing import Optional, Sequence
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="segtwin align", description=__doc__,
                                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", help="model name (e.g. pspnet); omit with --all")
+    p.add_argument("model", nargs="?", help="model name (e.g. pspnet); omit with --all, or with --config (its "
+                                            "model.type)")
     p.add_argument("--all", action="store_true", help="align every registered model")
     p.add_argument("--weights", help="official upstream checkpoint (.pth/.pth.tar); default: random weights saved "
                                      "in the official format")
-    p.add_argument("--data", help="Cityscapes or VOC root: take the batch from its val images instead of "
-                                  "a synthetic one")
+    p.add_argument("--data", help="dataset root. With --config: the batch is the first one `segtwin train` would "
+                                  "read (the config's training pipeline, augmentation included, seeded; N from "
+                                  "--input-size, the crop from the config or --opts). Without: Cityscapes or VOC val "
+                                  "images resized to --input-size")
     p.add_argument("--out", default="segtwin_out", help="artifact directory (default: %(default)s)")
     p.add_argument("--input-size", default=None, help="N,C,H,W of the batch (default: the model spec's align_input, "
                                                        "2,3,65,65 for the shipped models)")
+    p.add_argument("--config", help="training config (segtwin train --config): the loss, schedule and backward "
+                                    "steps run ITS recipe (optimizer, parameter groups, lr schedule, loss) through "
+                                    "the trainer's builders, and its model keys build the twins; default: the "
+                                    "model's official recipe config (paddle_impl/configs/)")
+    p.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="overrides of the config, dotted keys (e.g. --opts optimizer.weight_decay=0 "
+                        "lr_scheduler.warmup_iters=100)")
     p.add_argument("--iters", type=int, default=3, help="training iterations of the backward step (default: 3)")
-    p.add_argument("--steps", default="forward,loss,backward,metric",
-                   help="comma-separated subset of forward,loss,backward,metric")
+    p.add_argument("--steps", default="forward,loss,schedule,backward,metric",
+                   help="comma-separated subset of forward,loss,schedule,backward,metric")
     p.add_argument("--num-classes", type=int, help="class count (default: from the checkpoint, the dataset, or 19)")
     p.add_argument("--cfg", action="append", default=[], metavar="KEY=VALUE",
                    help="model config for both twins, repeatable (e.g. --cfg psa_type=0 --cfg mask_size=59 "
@@ -52,8 +62,18 @@ def main_from_args(args) -> int:
 
     log = get_logger("segtwin.align")
 
+    if args.config and not args.model and not args.all:
+        try:
+            from paddle_impl.config import ConfigError, load_config, parse_opts
+            args.model = load_config(args.config, parse_opts(args.opts)).model_type
+        except (ConfigError, FileNotFoundError, ValueError) as e:
+            log.error("--config %s: %s", args.config, e)
+            return 2
     if args.all == bool(args.model):
         log.error("give a model name or --all (registered: %s)", ", ".join(model_names()))
+        return 2
+    if args.all and args.config:
+        log.error("--config belongs to one model; use it without --all")
         return 2
     if args.all and args.weights:
         log.error("--weights belongs to one model; use it without --all")
@@ -71,7 +91,7 @@ def main_from_args(args) -> int:
                     iters=args.iters, steps=[s.strip() for s in args.steps.split(",") if s.strip()],
                     seed=args.seed, num_classes=args.num_classes, threads=args.threads, trace=not args.no_trace,
                     lockstep=not args.free_run, model_cfg=model_cfg, full_artifacts=args.full_artifacts,
-                    keep_weights=args.keep_weights)
+                    keep_weights=args.keep_weights, config=args.config, opts=args.opts)
         except (AlignmentSetupError, FileNotFoundError, KeyError) as e:
             log.error("%s: %s", name, e.args[0] if e.args else e)
             return 2

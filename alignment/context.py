@@ -16,17 +16,48 @@ import numpy as np
 from .compare import CompareResult
 from .policy import Policy
 
-# Recipe of the backward step (semseg): SGD momentum 0.9, weight decay 1e-4, poly(0.9) per iteration; the head
-# group's lr multiplier comes from the model spec (`head_lr_mult`).
-BASE_LR = 0.01
-MOMENTUM = 0.9
-WEIGHT_DECAY = 1e-4
-POLY_POWER = 0.9
+class TrainRecipe:
+    """The training recipe both sides run: a `paddle_impl.config.Config` (the file `segtwin train` reads, or the
+    model's official recipe config). The Paddle side is built by the Config's own methods -- the calls the trainer
+    makes -- and the torch side by the twins in torch_ref from the same config sections."""
 
+    def __init__(self, config, name: str):
+        self.config = config
+        self.name = name
+        self.source = config.path
+        self.resolved = config.recipe
 
-def poly_lr(base_lr: float, it: int, max_iter: int, power: float = POLY_POWER) -> float:
-    """semseg's poly schedule: base * (1 - it/max_iter) ** power, it = 0 .. max_iter-1."""
-    return base_lr * (1.0 - float(it) / float(max_iter)) ** power
+    @property
+    def base_lr(self) -> float:
+        return float(self.resolved["lr_scheduler"]["learning_rate"])
+
+    @property
+    def iters(self) -> int:
+        return int(self.resolved["iters"])
+
+    def paddle_optimizer(self, model):
+        return self.config.build_optimizer(model)
+
+    def torch_optimizer(self, model):
+        import torch_ref.optim as toptim
+
+        from .specs import get_spec
+        return toptim.build_optimizer(model, self.resolved["optimizer"], self.base_lr,
+                                      get_spec(self.name).head_prefixes)
+
+    def paddle_schedule(self, iters: int = None):
+        return self.config.build_lr(iters)
+
+    def torch_schedule(self, iters: int = None):
+        import torch_ref.schedule as tschedule
+        return tschedule.build_schedule(self.config.raw["lr_scheduler"], int(iters or self.iters))
+
+    def paddle_loss(self):
+        return self.config.build_loss()
+
+    def torch_loss(self):
+        import torch_ref.losses as tlosses
+        return tlosses.build_loss(self.name, self.config.raw.get("loss"), self.config.ignore_index)
 
 
 def module_path_of(key: str) -> str:
@@ -147,8 +178,7 @@ class Context:
     iters: int = 3
     seed: int = 0
     ignore_index: int = 255
-    head_prefixes: tuple = ()
-    head_lr_mult: float = 10.0
+    recipe: Optional[TrainRecipe] = None
     torch_init: Dict[str, np.ndarray] = field(default_factory=dict)
     paddle_init: Dict[str, np.ndarray] = field(default_factory=dict)
     inputs_note: str = ""

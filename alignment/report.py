@@ -110,7 +110,27 @@ def plot(out: Path, traces, curves: Optional[dict]) -> List[str]:
         fig.savefig(out / "layer_error.png", dpi=90)
         plt.close(fig)
         written.append("layer_error.png")
-    if curves and curves.get("torch"):
+    if curves and curves.get("growth"):  # a free run: both loss curves and the divergence against the reference
+        fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
+        it = curves["iteration"]
+        for side, style in (("torch", "-"), ("paddle", "--"), ("torch32", ":")):
+            ax[0].plot(it, curves["loss"][side], style, label=side if side != "torch32" else "torch float32")
+        ax[0].set_title("training loss (free run)")
+        ax[0].set_xlabel("iteration")
+        ax[0].legend()
+        g = curves["growth"]
+        ax[1].semilogy(it, [max(v, 1e-300) for v in curves["twin"]["param"]], "-",
+                       label=f"Paddle vs torch (x{g['twin']:.3g}/iter)")
+        ax[1].semilogy(it, [max(v, 1e-300) for v in curves["reference"]["param"]], "--",
+                       label=f"torch f32 vs f64 (x{g['reference']:.3g}/iter)")
+        ax[1].set_title("parameter divergence ||a-b|| / ||b||")
+        ax[1].set_xlabel("iteration")
+        ax[1].legend()
+        fig.tight_layout()
+        fig.savefig(out / "free_run.png", dpi=90)
+        plt.close(fig)
+        written.append("free_run.png")
+    elif curves and curves.get("torch"):
         fig, ax = plt.subplots(1, 2, figsize=(10, 3.2))
         it = list(range(len(curves["torch"])))
         ax[0].plot(it, curves["torch"], "o-", label="torch")
@@ -119,7 +139,7 @@ def plot(out: Path, traces, curves: Optional[dict]) -> List[str]:
         ax[0].set_xlabel("iteration")
         ax[0].legend()
         ax[1].plot(it, curves["lr"], "o-")
-        ax[1].set_title("base lr (poly 0.9)")
+        ax[1].set_title("scheduled base lr")
         ax[1].set_xlabel("iteration")
         fig.tight_layout()
         fig.savefig(out / "loss_curve.png", dpi=90)

@@ -136,10 +136,78 @@ def _data_batch(data: Path, size, name_hint: Optional[str] = None):
     return images.astype(np.float32), labels.astype(np.int64), f"{kind} {split} images from {data}", ds.num_classes
 
 
+def official_config_path(name: str) -> Path:
+    """The model's official recipe config (spec `recipe`): an absolute path as it is, else the file of that name
+    shipped in paddle_impl/configs/."""
+    import paddle_impl
+
+    from .recipe import official_recipe
+    from .specs import get_spec
+
+    path = Path(official_recipe(get_spec(name)))
+    if path.is_absolute():
+        return path
+    return Path(paddle_impl.__file__).resolve().parent / "configs" / path.name
+
+
+def load_recipe(name: str, config=None, opts=None):
+    """The `TrainRecipe` of `--config` (default: the model's official recipe config) with `--opts` applied;
+    AlignmentSetupError (exit 2) naming the file and key for a bad config or one for another model."""
+    from paddle_impl.config import ConfigError, load_config, parse_opts
+
+    from .context import TrainRecipe
+    from .recipe import RecipeError
+
+    path = Path(config) if config is not None else official_config_path(name)
+    try:
+        cfg = load_config(path, parse_opts(opts))
+    except (ConfigError, RecipeError, FileNotFoundError) as e:
+        raise AlignmentSetupError(f"--config {path}: {e}") from None
+    if cfg.model_type != name:
+        raise AlignmentSetupError(f"--config {path}: it trains model.type {cfg.model_type!r}, not {name!r}")
+    return TrainRecipe(cfg, name)
+
+
+def config_model_cfg(recipe) -> dict:
+    """The model keys of a config (`segtwin align --config`: the twins are built as `segtwin train` builds them)."""
+    return {k: v for k, v in recipe.config.raw["model"].items()
+            if k not in ("type", "pretrained", "backbone_pretrained", "num_classes")}
+
+
+def _train_batch(recipe, data: Path, n: int):
+    """The first batch `segtwin train` would read from `data` (the config's training pipeline, augmentation
+    included, seeded as the trainer seeds it: same sampler, same per-sample transform seeds), with batch size `n`."""
+    from paddle_impl.config import ConfigError
+    from paddle_impl.engine.trainer import DataError, ResumableBatchSampler, SeededSamples, _read_batch
+
+    cfg = recipe.config
+    try:
+        ds = cfg.build_dataset("train", root=data)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        raise AlignmentSetupError(f"--data {data}: {e}") from None
+    if len(ds) < n:
+        raise AlignmentSetupError(f"--data {data}: the training split has {len(ds)} samples, the batch needs {n}")
+    seed = int(cfg.raw["seed"])
+    keys = ResumableBatchSampler(len(ds), n, seed).batches(0)[0]
+    try:
+        images, labels = _read_batch(SeededSamples(ds, seed), keys)
+    except DataError as e:
+        raise AlignmentSetupError(f"--data {data}: {e}") from None
+    except ValueError as e:  # np.stack of samples of different sizes: the pipeline has no fixed-size crop
+        raise AlignmentSetupError(f"--data {data}: the training pipeline of {cfg.file} gives images of different "
+                                  f"sizes ({e}); add a crop or override it with --opts") from None
+    note = (f"{type(ds).__name__} training batch from {data} through the training pipeline of {cfg.file} "
+            f"(seed {seed}, samples {[k % len(ds) for k in keys]})")
+    return images.astype(np.float32), labels.astype(np.int64), note
+
+
 def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=None, seed: int = 0,
             num_classes: Optional[int] = None, threads: Optional[int] = None, policy: Optional[Policy] = None,
-            iters: int = 3, model_cfg: Optional[dict] = None) -> tuple:
-    """Build both twins from the same official-format weights and the shared batch. Returns (ctx, provenance)."""
+            iters: int = 3, model_cfg: Optional[dict] = None, config=None, opts=None) -> tuple:
+    """Build both twins from the same official-format weights and the shared batch. Returns (ctx, provenance).
+
+    config: the training config whose recipe the loss/schedule/backward steps run (default: the model's official
+    recipe config); given explicitly, its model keys and num_classes build the twins too (`model_cfg` wins)."""
     with root_logger_guard():
         import paddle  # noqa: F401  (import under the guard: it attaches root-logger handlers)
         import torch
@@ -156,8 +224,15 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
     spec = SPECS[name]
     if iters < 1:
         raise AlignmentSetupError(f"--iters must be >= 1, got {iters}")
+    recipe = load_recipe(name, config, opts)
+    if config is not None:
+        model_cfg = {**config_model_cfg(recipe), **(model_cfg or {})}
+        num_classes = num_classes or recipe.config.raw["model"].get("num_classes")
     size = parse_input_size(input_size or spec.align_input)
-    model_cfg = {**spec.align_cfg, **(model_cfg or {})} if weights is None else dict(model_cfg or {})
+    if weights is None and config is None:
+        model_cfg = {**spec.align_cfg, **(model_cfg or {})}
+    else:
+        model_cfg = dict(model_cfg or {})
     out_dir = Path(out) / name
     out_dir.mkdir(parents=True, exist_ok=True)
     n_threads = set_threads(threads)
@@ -165,7 +240,11 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
     seed_everything(seed)
     policy = policy or Policy.load()
 
-    if data is not None:
+    if data is not None and config is not None:
+        images, labels, inputs_note = _train_batch(recipe, Path(data), size[0])
+        size = tuple(images.shape)
+        data_classes = recipe.config.raw["model"].get("num_classes")
+    elif data is not None:
         images, labels, inputs_note, data_classes = _data_batch(Path(data), size)
     else:
         images = labels = None
@@ -218,8 +297,7 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
                                   f"{nc} classes")
     ctx = Context(name=name, torch_model=torch_model, paddle_model=paddle_model, images=images, labels=labels,
                   num_classes=nc, policy=policy, out_dir=out_dir, iters=iters, seed=seed,
-                  head_prefixes=tuple(spec.head_prefixes), head_lr_mult=float(spec.head_lr_mult),
-                  inputs_note=inputs_note)
+                  ignore_index=recipe.config.ignore_index, recipe=recipe, inputs_note=inputs_note)
     ctx.snapshot()
     import paddle as _paddle
     provenance = {
@@ -233,6 +311,8 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
         "weights": str(src), "weights_sha256": sha256_file(src), "random_weights": weights is None,
         "pdparams_sha256": sha256_file(dst), "git_commit": _git_commit(),
         "policy": policy.source if hasattr(policy, "source") else "alignment/tolerances.yaml",
+        "recipe": {"config": str(recipe.source), "opts": list(opts or []),
+                   "resolved": {k: _jsonable(v) for k, v in recipe.resolved.items()}},
         "command": " ".join(sys.argv),
     }
     return ctx, provenance
@@ -244,6 +324,8 @@ def _jsonable(v):
         return v
     if isinstance(v, (list, tuple)):
         return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
     return repr(v)
 
 
@@ -307,10 +389,10 @@ def human_bytes(n: int) -> str:
 
 
 def run(name: str, weights=None, out="segtwin_out", data=None, input_size=None, iters: int = 3,
-        steps: Sequence[str] = ("forward", "loss", "backward", "metric"), seed: int = 0,
+        steps: Sequence[str] = ("forward", "loss", "schedule", "backward", "metric"), seed: int = 0,
         num_classes: Optional[int] = None, threads: Optional[int] = None, policy: Optional[Policy] = None,
         trace: bool = True, full_artifacts: bool = False, progress: bool = True, lockstep: bool = True,
-        model_cfg: Optional[dict] = None, keep_weights: bool = False) -> dict:
+        model_cfg: Optional[dict] = None, keep_weights: bool = False, config=None, opts=None) -> dict:
     """Align the Paddle twin of `name` against its torch reference. Returns the verdict dict; `verdict['passed']`
     is True only when every requested step passed under the tolerance policy.
 
@@ -330,7 +412,7 @@ def run(name: str, weights=None, out="segtwin_out", data=None, input_size=None, 
     t0 = time.time()
     ctx, provenance = prepare(name, weights=weights, out=out, data=data, input_size=input_size, seed=seed,
                               num_classes=num_classes, threads=threads, policy=policy, iters=iters,
-                              model_cfg=model_cfg)
+                              model_cfg=model_cfg, config=config, opts=opts)
     ctx.full_artifacts = full_artifacts
     ctx.lockstep = lockstep
     results = {}

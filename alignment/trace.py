@@ -118,8 +118,6 @@ def run_trace(ctx: Context) -> Tuple[Trace, Trace]:
     import paddle
     import torch
 
-    import paddle_impl.losses as plosses
-    import torch_ref.losses as tlosses
 
     from .steps.common import as_tuple
 
@@ -146,8 +144,8 @@ def run_trace(ctx: Context) -> Tuple[Trace, Trace]:
     pm.train()
     rt, rp = _Recorder(tm, "torch", True), _Recorder(pm, "paddle", True)
     try:
-        tlosses.compute_loss(ctx.name, as_tuple(tm(xt)), yt, ctx.ignore_index)["loss"].backward()
-        plosses.compute_loss(ctx.name, as_tuple(pm(xp)), yp, ctx.ignore_index)["loss"].backward()
+        ctx.recipe.torch_loss()(as_tuple(tm(xt)), yt)["loss"].backward()
+        ctx.recipe.paddle_loss()(as_tuple(pm(xp)), yp)["loss"].backward()
     finally:
         rt.remove()
         rp.remove()

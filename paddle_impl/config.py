@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional
 
 import yaml
 
-__all__ = ["Config", "ConfigError", "load_config", "load_backbone", "SCHEMA", "DATASET_TYPES"]
+__all__ = ["Config", "ConfigError", "load_config", "parse_opts", "load_backbone", "SCHEMA", "DATASET_TYPES"]
 
 
 class ConfigError(ValueError):
@@ -43,7 +43,8 @@ SCHEMA: Dict[str, Any] = {
     # its signature (alignment.specs.config_keys) once the type is known
     "model": {"type": str, "pretrained": str, "backbone_pretrained": str},
     "optimizer": {"type": str, "momentum": _NUM, "weight_decay": _NUM, "head_lr_mult": _NUM, "beta1": _NUM,
-                  "beta2": _NUM, "epsilon": _NUM, "grad_clip": _NUM},
+                  "beta2": _NUM, "epsilon": _NUM, "grad_clip": _NUM, "norm_decay_mult": _NUM,
+                  "bias_decay_mult": _NUM},
     "lr_scheduler": {"type": str, "learning_rate": _NUM, "power": _NUM, "end_lr": _NUM, "milestones": list,
                      "step_size": int, "gamma": _NUM, "warmup_iters": int, "warmup_start_lr": _NUM},
     "loss": {"types": list, "coef": list},
@@ -57,7 +58,6 @@ _REQUIRED = ("batch_size", "iters", "train_dataset", "model", "optimizer", "lr_s
 DEFAULTS = {"seed": 0, "log_iters": 10, "eval_iters": 1000, "save_iters": 1000, "keep_checkpoints": 5,
             "num_workers": 0, "amp": False}
 DATASET_TYPES = ("Cityscapes", "VOCSegmentation")
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 
 
 def _type_name(t) -> str:
@@ -103,11 +103,51 @@ def _validate(node: Dict[str, Any], schema: Dict[str, Any], where: str, file: st
 
 
 def _set_dotted(raw: Dict[str, Any], dotted: str, value: Any) -> None:
+    """``raw[a][b][c] = value`` for ``"a.b.c"``; a part that is an integer indexes a list
+    (``train_dataset.transforms.5.size``)."""
     node = raw
     parts = dotted.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
+    for i, p in enumerate(parts):
+        last = i == len(parts) - 1
+        if last and value is REMOVE:
+            if isinstance(node, dict):
+                node.pop(p, None)
+            return
+        if isinstance(node, list):
+            if not p.isdigit() or int(p) >= len(node):
+                raise ConfigError(f"override {dotted}: {'.'.join(parts[:i]) or '<root>'} is a list of {len(node)} "
+                                  f"entries; {p!r} is not an index into it")
+            if last:
+                node[int(p)] = value
+            else:
+                node = node[int(p)]
+        elif isinstance(node, dict):
+            if last:
+                node[p] = value
+            else:
+                node = node.setdefault(p, {})
+        else:
+            raise ConfigError(f"override {dotted}: {'.'.join(parts[:i])} is a {type(node).__name__}, not a mapping")
+
+
+#: an override value that removes the key (``--opts optimizer.momentum=null``)
+REMOVE = object()
+
+
+def parse_opts(items) -> Dict[str, Any]:
+    """``["iters=100", "optimizer.type=adam", "train_dataset.transforms.5.size=[65, 65]"]`` -> dotted overrides;
+    values are read as YAML (numbers, booleans, lists), anything else stays a string; ``null`` removes the key."""
+    out: Dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--opts {item!r}: expected KEY=VALUE (dotted key, e.g. optimizer.weight_decay=4e-5)")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        out[key.strip()] = REMOVE if value is None else value
+    return out
 
 
 class Config:
@@ -135,19 +175,10 @@ class Config:
                     raise ConfigError(f"{self.file}: {section}.type must be one of {list(DATASET_TYPES)}, got {t!r}")
                 if "dataset_root" not in raw[section]:
                     raise ConfigError(f"{self.file}: missing required key {section}.dataset_root")
-        opt = str(raw["optimizer"].get("type", "sgd")).lower()
-        if opt not in OPTIMIZERS:
-            raise ConfigError(f"{self.file}: optimizer.type must be one of {list(OPTIMIZERS)}, got {opt!r}")
         from alignment.specs import SPECS, model_names
         mtype = raw["model"].get("type")
         if mtype not in SPECS:
             raise ConfigError(f"{self.file}: model.type must be one of {model_names()}, got {mtype!r}")
-        coef = raw.get("loss", {}).get("coef")
-        if coef is not None:
-            terms = SPECS[mtype].loss_terms
-            if len(coef) != len(terms):
-                raise ConfigError(f"{self.file}: loss.coef has {len(coef)} values, model {mtype} has "
-                                  f"{len(terms)} loss terms ({', '.join(t for t, _ in terms)})")
         for ms in (False, True):
             if ms and "ms" not in raw.get("test_config", {}):
                 continue
@@ -155,6 +186,7 @@ class Config:
         if "learning_rate" not in raw["lr_scheduler"]:
             raise ConfigError(f"{self.file}: missing required key lr_scheduler.learning_rate")
         try:
+            self.recipe
             self.build_lr()
         except ValueError as e:
             raise ConfigError(f"{self.file}: {e}") from None
@@ -186,13 +218,16 @@ class Config:
         return int(self.raw["train_dataset"].get("ignore_index", 255))
 
     @property
+    def recipe(self) -> Dict[str, Any]:
+        """The resolved training recipe: ``optimizer``, ``lr_scheduler`` and ``loss`` with every default explicit,
+        and ``iters`` (``alignment.recipe.resolve_recipe``; what ``segtwin align --config`` compares)."""
+        from alignment.recipe import resolve_recipe
+        return resolve_recipe(self.raw, self.spec)
+
+    @property
     def loss_coefs(self) -> Dict[str, float]:
         """{term: coefficient} in the model's output order (defaults: the spec's loss_terms)."""
-        terms = self.spec.loss_terms
-        coef = self.raw.get("loss", {}).get("coef")
-        if coef is None:
-            return {t: float(w) for t, w in terms}
-        return {t: float(c) for (t, _), c in zip(terms, coef)}
+        return {t["name"]: t["coef"] for t in self.recipe["loss"]}
 
     def test_options(self, ms: bool = False) -> Dict[str, Any]:
         """Keyword arguments of ``engine.evaluator.evaluate`` / ``predict_logits`` from the optional ``test_config``
@@ -330,38 +365,29 @@ class Config:
                 kwargs[key] = spec[key]
         return cls(root, transforms=self.build_transforms(split, seed=seed), **kwargs)
 
+    # The three recipe builders below are the ones `segtwin align --config` calls for the Paddle side: each looks its
+    # function up on the module at call time, so the trainer and the alignment always run the same code.
     def build_lr(self, iters: Optional[int] = None):
-        from .engine.schedule import build_schedule
-        return build_schedule(self.raw["lr_scheduler"], int(iters or self.raw["iters"]))
+        """The lr schedule (``paddle_impl.schedule.build_schedule``) over ``iters`` (default: the config's)."""
+        from . import schedule
+        return schedule.build_schedule(self.raw["lr_scheduler"], int(iters or self.raw["iters"]))
 
     def build_optimizer(self, model, base_lr: Optional[float] = None):
-        """SGD-momentum (``paddle_impl.optim``) or Adam/AdamW, two param groups: backbone x1, heads
-        (the spec's ``head_prefixes``) x ``optimizer.head_lr_mult`` (default: the spec's ``head_lr_mult`` for SGD,
-        1 for Adam)."""
-        import paddle
+        """``paddle_impl.optim.build_optimizer`` with the resolved ``optimizer`` section: SGD-momentum, Adam or
+        AdamW; parameter groups from the spec's ``head_prefixes`` (x ``head_lr_mult``: default the spec's for SGD,
+        1 for Adam/AdamW) and the weight-decay multipliers of norm parameters and biases."""
+        from alignment.recipe import resolve_optimizer
 
         from . import optim
-        o = self.raw["optimizer"]
-        kind = str(o.get("type", "sgd")).lower()
         lr = float(self.raw["lr_scheduler"]["learning_rate"] if base_lr is None else base_lr)
-        heads = self.spec.head_prefixes
-        clip = paddle.nn.ClipGradByGlobalNorm(float(o["grad_clip"])) if o.get("grad_clip") else None
-        if kind in ("sgd", "momentum"):
-            opt = optim.build_optimizer(model, lr, momentum=float(o.get("momentum", 0.9)),
-                                        weight_decay=float(o.get("weight_decay", 1e-4)), head_prefixes=heads,
-                                        head_lr_mult=float(o.get("head_lr_mult", self.spec.head_lr_mult)))
-            if clip is not None:
-                opt._grad_clip = clip
-            return opt
-        mult = float(o.get("head_lr_mult", 1.0))
-        groups = [{"params": [p for _, p in params], "learning_rate": m}
-                  for _, params, m in optim.param_groups(model, heads, mult) if params]
-        cls = paddle.optimizer.Adam if kind == "adam" else paddle.optimizer.AdamW
-        wd = float(o.get("weight_decay", 0.0 if kind == "adam" else 0.01))
-        opt = cls(learning_rate=lr, beta1=float(o.get("beta1", 0.9)), beta2=float(o.get("beta2", 0.999)),
-                  epsilon=float(o.get("epsilon", 1e-8)), parameters=groups, weight_decay=wd or None, grad_clip=clip)
-        opt._segtwin_lr_mults = [g["learning_rate"] for g in groups]
-        return opt
+        return optim.build_optimizer(model, resolve_optimizer(self.raw["optimizer"], self.spec), lr,
+                                     self.spec.head_prefixes)
+
+    def build_loss(self):
+        """``paddle_impl.losses.build_loss`` of the config's ``loss`` section (default: the model's official
+        criterion), ignoring the training set's ``ignore_index``."""
+        from . import losses
+        return losses.build_loss(self.model_type, self.raw.get("loss"), self.ignore_index)
 
 
 def load_backbone(model, state_dict, source: str = "<state_dict>", head_prefixes=()) -> None:

@@ -143,3 +143,58 @@ def row_max(x):
 def relabel(target, old: int, new: int):
     """Integer label map with every `old` value replaced by `new` (a new tensor)."""
     return paddle.where(target == old, paddle.full_like(target, new), target)
+
+
+#: normalisation layers: their parameters form the `norm_decay_mult` weight-decay group of the optimizer
+NORM_LAYERS = (BatchNorm2d, nn.layer.norm._BatchNormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def named_modules(model):
+    """(name, module) of the model and every submodule, the model itself first with name ''."""
+    return model.named_sublayers(include_self=True)
+
+
+def own_parameters(module):
+    """(name, parameter) of the module itself, not of its children."""
+    return module.named_parameters(include_sublayers=False)
+
+
+def param_groups_of(optimizer) -> list:
+    """The optimizer's parameter groups: dicts with a 'params' list."""
+    return optimizer._param_groups
+
+
+# ---- loss vocabulary ------------------------------------------------------------------------------------------
+no_grad = paddle.no_grad
+where = paddle.where
+zeros_like = paddle.zeros_like
+full_like = paddle.full_like
+logical_and = paddle.logical_and
+
+
+def pixel_cross_entropy(logits, label, ignore_index: int, weight=None):
+    """Per-pixel cross-entropy (N, H, W) over the class axis 1, 0 at ignored pixels; `weight`: per-class weights
+    (a list) or None. axis=1: Paddle's default class axis is the LAST one (the image width for NCHW logits)."""
+    w = None if weight is None else paddle.to_tensor(weight, dtype=logits.dtype)
+    loss = F.cross_entropy(logits, label.astype("int64"), weight=w, ignore_index=ignore_index, reduction="none",
+                           axis=1)
+    return loss.squeeze(1) if loss.ndim == 4 else loss  # Paddle keeps the class axis as size 1
+
+
+def as_dtype_of(x, ref):
+    """`x` cast to the dtype of `ref`."""
+    return x.astype(ref.dtype)
+
+
+def clamp_min(x, low: float):
+    return paddle.clip(x, min=low)
+
+
+def take_class(prob, label):
+    """prob (N, C, H, W), label (N, H, W) -> prob[n, label[n, h, w], h, w] of shape (N, H, W)."""
+    return paddle.take_along_axis(prob, label.astype("int64").unsqueeze(1), axis=1).squeeze(1)
+
+
+def sorted_values(x):
+    """The values of a 1-D tensor in ascending order."""
+    return paddle.sort(x)

@@ -1,51 +1,144 @@
-"""Losses of the Paddle twins (twin: torch_ref/losses.py).
+"""Losses of the reference models (twin: torch_ref/losses.py).
 
-Cross-entropy over the CLASS axis (dim 1 of NCHW logits), pixels equal to `ignore_index` excluded, mean over the
-non-ignored pixels (torch's default, used by semseg). Each model's total loss is a weighted sum of terms; the terms
-are returned separately so the alignment can compare every one of them.
+    loss = build_loss("pspnet", cfg["loss"], ignore_index=255)     # or build_loss("pspnet") for the official one
+    terms = loss(model_outputs, target)                           # {"main": .., "aux": .., "loss": weighted sum}
+
+Pixel losses over the CLASS axis (dim 1 of NCHW logits); labels equal to `ignore_index` are excluded:
+
+* `CrossEntropyLoss(avg="valid")`: the mean over the non-ignored pixels (torch's default reduction, used by semseg,
+  DANet and PaddleSeg; 0 when every pixel is ignored). `avg="all"`: their sum over ALL pixels (mmseg's
+  avg_non_ignore=False). `weight`: per-class weights; the denominator stays the pixel count (PaddleSeg's rule).
+* `OhemCrossEntropyLoss(thresh, min_kept)`: online hard example mining with PaddleSeg's rule. p = softmax probability
+  of the true class of each valid pixel; when min_kept < #valid, threshold = max(thresh, the min_kept-th smallest p)
+  and only pixels with p < threshold (strict) are kept; else all valid pixels. Mean CE over the kept pixels. The
+  selection is not differentiated through.
+
+`build_loss` reads the loss section through `alignment.recipe.resolve_loss` (one entry per loss term of the model's
+spec); the terms are reported unweighted so the alignment can compare every one of them. When the model's official
+criterion ignores its own label (spec `ignore_label`, DANet's -1), the target is relabelled for the terms that do not
+set their own `ignore_index`.
 """
 from __future__ import annotations
 
-import paddle
-import paddle.nn.functional as F
-
+from alignment.recipe import resolve_loss
 from alignment.specs import get_spec
 
 from . import layers as L
 
 
-def cross_entropy(logits, target, ignore_index: int = 255):
-    """logits (N, C, H, W) float, target (N, H, W) int64 -> scalar mean over pixels != ignore_index."""
-    # axis=1: Paddle reduces over the LAST axis by default, which for NCHW logits is the image width.
-    if ignore_index >= 0:
-        return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="mean", axis=1)
-    # Paddle 3.3.1's reduction="mean" divides by ALL pixels when ignore_index is negative (DANet's -1, and Paddle's
-    # own default -100), counting the ignored ones: measured 1.2573 vs torch 1.4369 with 4 of 32 pixels ignored
-    # (tests/test_danet.py). Mean over the valid pixels explicitly.
-    losses = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none", axis=1)
-    return paddle.sum(losses) / paddle.sum((target != ignore_index).astype(losses.dtype))
+def _check(logits, label) -> None:
+    if len(L.sizes(logits)) != 4 or len(L.sizes(label)) != 3:
+        raise ValueError(f"expected logits N x C x H x W and label N x H x W, got {list(L.sizes(logits))} and "
+                         f"{list(L.sizes(label))}")
+    n, _, h, w = L.sizes(logits)
+    if (n, h, w) != L.sizes(label):
+        raise ValueError(f"logits {list(L.sizes(logits))} and label {list(L.sizes(label))} differ in N, H or W "
+                         f"(upsample the logits to the label size first)")
+
+
+class CrossEntropyLoss(L.Module):
+    """Pixel cross-entropy, averaged over the valid pixels or over all of them (see the module doc)."""
+
+    def __init__(self, ignore_index: int = 255, avg: str = "valid", weight=None):
+        super().__init__()
+        if avg not in ("valid", "all"):
+            raise ValueError(f"avg must be 'valid' or 'all', got {avg!r}")
+        self.ignore_index = int(ignore_index)
+        self.avg = avg
+        self.weight = None if weight is None else [float(w) for w in weight]
+
+    def forward(self, logits, label):
+        _check(logits, label)
+        loss = L.pixel_cross_entropy(logits, label, self.ignore_index, self.weight)
+        if self.avg == "all":
+            return loss.mean()
+        valid = L.as_dtype_of(label != self.ignore_index, loss).sum()
+        return loss.sum() / L.clamp_min(valid, 1.0)
+
+
+class OhemCrossEntropyLoss(L.Module):
+    """PaddleSeg's online hard example mining cross-entropy (see the module doc). With its strict `<`, when the
+    min_kept-th probability exceeds `thresh` that pixel itself (and its ties) is dropped: min_kept - 1 are kept."""
+
+    def __init__(self, thresh: float = 0.7, min_kept: int = 10000, ignore_index: int = 255):
+        super().__init__()
+        self.thresh = float(thresh)
+        self.min_kept = int(min_kept)
+        self.ignore_index = int(ignore_index)
+
+    def kept_mask(self, logits, label):
+        """(N, H, W) mask (logits' dtype) of the pixels the loss averages over."""
+        with L.no_grad():
+            valid = label != self.ignore_index
+            safe = L.where(valid, label, L.zeros_like(label))
+            p = L.take_class(L.softmax(logits.detach(), 1), safe)
+            p = L.where(valid, p, L.full_like(p, 2.0))  # ignored pixels sort last
+            num_valid = int(L.as_dtype_of(valid, p).sum())
+            mask = valid
+            if 0 < self.min_kept < num_valid:
+                flat = L.sorted_values(p.flatten())
+                kth = float(flat[self.min_kept - 1])
+                threshold = kth if kth > self.thresh else self.thresh
+                mask = L.logical_and(valid, p < threshold)
+            return L.as_dtype_of(mask, logits)
+
+    def forward(self, logits, label):
+        _check(logits, label)
+        mask = self.kept_mask(logits, label)
+        loss = L.pixel_cross_entropy(logits, label, self.ignore_index, None)
+        return (loss * mask).sum() / L.clamp_min(mask.sum(), 1.0)
+
+
+LOSSES = {"CrossEntropyLoss": CrossEntropyLoss, "OhemCrossEntropyLoss": OhemCrossEntropyLoss}
+
+
+class MultiLoss(L.Module):
+    """One loss per model output: `forward(outputs, label) -> {term: value, ..., "loss": sum of coef * term}`.
+
+    `relabel` (old, new): the target with `old` replaced by `new` is given to the terms in `relabelled`."""
+
+    def __init__(self, losses, coefs, names, relabel=None, relabelled=()):
+        super().__init__()
+        self.losses = L.ModuleList(list(losses))
+        self.coefs = [float(c) for c in coefs]
+        self.names = list(names)
+        self.relabel = relabel
+        self.relabelled = set(relabelled)
+
+    def forward(self, outputs, label) -> dict:
+        if not isinstance(outputs, (tuple, list)):
+            outputs = (outputs,)
+        if len(outputs) != len(self.names):
+            raise ValueError(f"the model returned {len(outputs)} outputs, its loss expects {len(self.names)} "
+                             f"({', '.join(self.names)})")
+        own = None if self.relabel is None else L.relabel(label, *self.relabel)
+        result = {}
+        total = 0.0
+        for name, fn, coef, out in zip(self.names, self.losses, self.coefs, outputs):
+            result[name] = fn(out, own if name in self.relabelled else label)
+            total = total + coef * result[name]
+        result["loss"] = total
+        return result
+
+
+def build_loss(name: str, section=None, ignore_index: int = 255) -> MultiLoss:
+    """The loss of model `name` from a config's `loss` section (None: the model's official criterion);
+    `ignore_index`: the dataset's void label."""
+    spec = get_spec(name)
+    terms = resolve_loss(section, spec)
+    own = spec.ignore_label
+    losses, relabelled = [], []
+    for t in terms:
+        kwargs = {k: v for k, v in t.items() if k not in ("name", "coef", "type")}
+        if kwargs["ignore_index"] is None:
+            kwargs["ignore_index"] = ignore_index if own is None else own
+            if own is not None:
+                relabelled.append(t["name"])
+        losses.append(LOSSES[t["type"]](**kwargs))
+    relabel = None if own is None else (ignore_index, own)
+    return MultiLoss(losses, [t["coef"] for t in terms], [t["name"] for t in terms], relabel, relabelled)
 
 
 def compute_loss(name: str, outputs, target, ignore_index: int = 255) -> dict:
-    """outputs: the model's training-mode return (a tensor or a tuple of tensors) -> {'loss', <term>...}.
-
-    The terms, their weights and the label the official criterion ignores come from the model's spec
-    (`loss_terms`, `ignore_label`)."""
-    spec = get_spec(name)
-    if not isinstance(outputs, (tuple, list)):
-        outputs = (outputs,)
-    terms = spec.loss_terms
-    if len(outputs) != len(terms):
-        raise ValueError(f"{name}: the model returned {len(outputs)} outputs, its loss expects {len(terms)} "
-                         f"({', '.join(t for t, _ in terms)})")
-    own = spec.ignore_label
-    if own is not None:
-        target = L.relabel(target, ignore_index, own)
-        ignore_index = own
-    result = {}
-    total = 0.0
-    for (term, weight), out in zip(terms, outputs):
-        result[term] = cross_entropy(out, target, ignore_index)
-        total = total + weight * result[term]
-    result["loss"] = total
-    return result
+    """The official criterion of model `name` on its training-mode outputs -> {"loss", <term>...}."""
+    return build_loss(name, None, ignore_index)(outputs, target)

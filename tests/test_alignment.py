@@ -19,7 +19,6 @@ import paddle
 import paddle.nn.functional as F
 import paddle_impl.checkpoint as pcheckpoint
 import paddle_impl.layers as players
-import paddle_impl.losses as plosses
 import paddle_impl.models.pspnet as ppspnet
 
 SMALL = "2,3,33,33"
@@ -75,14 +74,13 @@ def _strict_load_with_transposed(target_key):
     return strict_load
 
 
-def _cross_entropy_last_axis(logits, target, ignore_index=255):
+def _pixel_cross_entropy_last_axis(logits, label, ignore_index, weight=None):
     # BUG: the softmax normalises over the LAST axis (width), Paddle's default, instead of the class axis.
     logp = F.log_softmax(logits, axis=-1)
-    valid = (target != ignore_index)
-    safe = paddle.where(valid, target, paddle.zeros_like(target))
+    valid = (label != ignore_index)
+    safe = paddle.where(valid, label, paddle.zeros_like(label))
     picked = paddle.take_along_axis(logp, safe.unsqueeze(1), axis=1).squeeze(1)
-    validf = valid.astype(logits.dtype)
-    return -(picked * validf).sum() / validf.sum()
+    return -picked * valid.astype(logits.dtype)
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +93,7 @@ def test_clean_port_passes_every_step(clean_small):
     v, _ = clean_small
     assert v["passed"], json.dumps({s: r["worst"] for s, r in v["steps"].items()}, default=str)[:4000]
     assert set(v["steps"]) == {"forward", "loss", "backward", "metric"}
+    assert v["provenance"]["recipe"]["config"].endswith("pspnet_r50_cityscapes.yml")  # the official recipe
     # every parameter gradient, every parameter after the step, every BN statistic and momentum buffer, per iter
     import torch_ref
     m = torch_ref.build_model("pspnet", num_classes=19)
@@ -191,7 +190,7 @@ def test_catches_conv_weight_transposed_hw(tmp_path, monkeypatch):
 
 
 def test_catches_cross_entropy_over_wrong_axis(tmp_path, monkeypatch):
-    monkeypatch.setattr(plosses, "cross_entropy", _cross_entropy_last_axis)
+    monkeypatch.setattr(players, "pixel_cross_entropy", _pixel_cross_entropy_last_axis)
     v = _run(tmp_path, ("forward", "loss"))
     assert v["steps"]["forward"]["passed"]
     assert _first_failed_step(v) == "loss"

@@ -80,8 +80,9 @@ def test_head_params_get_ten_times_the_lr():
     model = cfg.build_model()
     assert tuple(cfg.spec.head_prefixes) == ("head.",)
     o = cfg.build_optimizer(model)
-    assert o._segtwin_lr_mults == [1.0, 10.0]
-    groups = {name: [n for n, _ in params] for name, params, _ in optim.param_groups(model, cfg.spec.head_prefixes, 10)}
+    assert o._segtwin["lr_mults"] == [1.0, 10.0]
+    groups = {name: [n for n, _ in params]
+              for name, params, _, _ in optim.param_groups(model, cfg.spec.head_prefixes, 10)}
     assert groups["head"] and all(n.startswith("head.") for n in groups["head"])
     assert groups["backbone"] and not any(n.startswith("head.") for n in groups["backbone"])
     assert len(groups["head"]) + len(groups["backbone"]) == len(list(model.parameters()))

@@ -78,6 +78,8 @@ def test_psanet_aligns_forward_loss_backward(tmp_path, cfg, size):
     assert v["passed"], {s: (r["worst"] or {}).get("key") for s, r in v["steps"].items()}
     # the gradients that flow through the op were compared
     assert v["steps"]["backward"]["keys"] > 3 * 300
+    # under the official recipe config (tests/test_recipe.py aligns the other shipped configs)
+    assert v["provenance"]["recipe"]["config"].endswith("psanet_r50_cityscapes_1024x512_80k.yml")
 
 
 def test_seed_mask_on_a_map_it_does_not_cover(tmp_path):

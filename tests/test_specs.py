@@ -30,6 +30,7 @@ TOY = specs.ModelSpec(
     official_format="plain", loss_terms=(("main", 1.0),),
     head_prefixes=("cls.",), head_lr_mult=10.0,
     input_rule="H and W even", align_input=(2, 3, 16, 16), align_cfg={"width": 8},
+    recipe=str(ROOT / "tests" / "toy" / "toy.yml"),
 )
 
 
@@ -60,7 +61,7 @@ def test_toy_model_builds_converts_and_aligns_through_the_spec_alone(toy, tmp_pa
     out = tmp_path / "out"
     assert segtwin(["align", "toy", "--out", str(out), "--threads", "1"]) == 0
     verdict = json.loads((out / "toy" / "verdict.json").read_text())
-    assert verdict["passed"] and set(verdict["steps"]) == {"forward", "loss", "backward", "metric"}
+    assert verdict["passed"] and set(verdict["steps"]) == {"forward", "loss", "schedule", "backward", "metric"}
     assert verdict["provenance"]["input_shape"] == [2, 3, 16, 16]  # the spec's align_input
     assert verdict["provenance"]["model_cfg"] == {"num_classes": 19, "width": 8}  # the spec's align_cfg
     assert "toy: PASS" in capsys.readouterr().err

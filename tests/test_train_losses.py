@@ -1,12 +1,19 @@
-"""Training losses (paddle_impl.engine.losses): CE averaging modes, OHEM selection, MultiLoss, build_loss."""
+"""Training losses (paddle_impl/losses.py and its torch twin): CE averaging modes, OHEM selection, MultiLoss,
+build_loss from a config section. Hand-computed values on the Paddle side; the twins agree in float64."""
 from __future__ import annotations
 
 import numpy as np
 import paddle
 import pytest
 
-from paddle_impl.engine.losses import CrossEntropyLoss, MultiLoss, OhemCrossEntropyLoss, build_loss
-from paddle_impl.losses import cross_entropy
+import paddle_impl.losses as plosses
+import torch_ref.losses as tlosses
+from alignment.recipe import RecipeError
+from paddle_impl.losses import CrossEntropyLoss, MultiLoss, OhemCrossEntropyLoss, build_loss
+
+
+def cross_entropy(logits, label):
+    return CrossEntropyLoss()(logits, label)
 
 
 def _data(seed=0, n=2, c=5, h=6, w=7, ignore_frac=0.3):
@@ -95,19 +102,17 @@ def test_multiloss_coefs_and_terms():
     logits, label = _data(3)
     main, aux = paddle.to_tensor(logits), paddle.to_tensor(logits[:, ::-1].copy())
     lb = paddle.to_tensor(label)
-    ml = MultiLoss([CrossEntropyLoss(), CrossEntropyLoss()], [1.0, 0.4])
+    ml = MultiLoss([CrossEntropyLoss(), CrossEntropyLoss()], [1.0, 0.4], ["main", "aux"])
     out = ml((main, aux), lb)
     assert set(out) == {"main", "aux", "loss"}
     m, a = float(cross_entropy(main, lb)), float(cross_entropy(aux, lb))
     np.testing.assert_allclose([float(out["main"]), float(out["aux"])], [m, a], rtol=1e-6)
     np.testing.assert_allclose(float(out["loss"]), m + 0.4 * a, rtol=1e-6)
-    with pytest.raises(ValueError, match="returned 1 outputs but the loss has 2 terms"):
+    with pytest.raises(ValueError, match="returned 1 outputs, its loss expects 2"):
         ml(main, lb)
-    three = MultiLoss([CrossEntropyLoss()] * 3, [1, 1, 1])  # DANet: sum, PAM, CAM heads
-    assert set(three((main, aux, main), lb)) == {"main", "aux1", "aux2", "loss"}
 
 
-def test_build_loss_paddleseg_spec():
+def test_build_loss_from_a_config_section():
     import yaml
 
     spec = yaml.safe_load("""
@@ -115,16 +120,53 @@ types:
   - type: CrossEntropyLoss
 coef: [1, 0.4]
 """)
-    ml = build_loss(spec)
+    ml = build_loss("pspnet", spec)
     assert len(ml.losses) == 2 and ml.coefs == [1.0, 0.4] and ml.names == ["main", "aux"]
-    ml = build_loss({"types": [{"type": "OhemCrossEntropyLoss", "min_kept": 3}, {"type": "CrossEntropyLoss",
-                                                                                 "avg": "all"}],
-                     "coef": [1, 0.4]}, ignore_index=254)
+    ml = build_loss("pspnet", {"types": [{"type": "OhemCrossEntropyLoss", "min_kept": 3},
+                                         {"type": "CrossEntropyLoss", "avg": "all"}], "coef": [1, 0.4]},
+                    ignore_index=254)
     assert isinstance(ml.losses[0], OhemCrossEntropyLoss) and ml.losses[0].min_kept == 3
     assert ml.losses[1].avg == "all" and ml.losses[1].ignore_index == 254
-    with pytest.raises(ValueError, match="did you mean 'CrossEntropyLoss'"):
-        build_loss({"types": [{"type": "CrossEntropy"}], "coef": [1]})
-    with pytest.raises(ValueError, match="2 types but 3 coefs"):
-        build_loss({"types": [{"type": "CrossEntropyLoss"}] * 2, "coef": [1, 1, 1]})
-    with pytest.raises(ValueError, match="bad arguments for loss CrossEntropyLoss"):
-        build_loss({"types": [{"type": "CrossEntropyLoss", "axis": 1}]})
+    assert build_loss("danet").names == ["sasc", "sa", "sc"]  # the spec's terms, official weights
+    with pytest.raises(RecipeError, match="did you mean 'CrossEntropyLoss'.*known: CrossEntropyLoss, Ohem"):
+        build_loss("pspnet", {"types": [{"type": "CrossEntropy"}], "coef": [1, 1]})
+    with pytest.raises(RecipeError, match="loss.types has 2 entries, model danet has 3 loss terms"):
+        build_loss("danet", {"types": [{"type": "CrossEntropyLoss"}] * 2, "coef": [1, 1, 1]})
+    with pytest.raises(RecipeError, match="loss.coef has 3 values, model pspnet has 2"):
+        build_loss("pspnet", {"types": ["CrossEntropyLoss"], "coef": [1, 1, 1]})
+    with pytest.raises(RecipeError, match=r"loss.types\[0\] \(CrossEntropyLoss\): key 'axis' does not apply"):
+        build_loss("pspnet", {"types": [{"type": "CrossEntropyLoss", "axis": 1}]})
+
+
+@pytest.mark.parametrize("section", [
+    None,
+    {"types": [{"type": "CrossEntropyLoss", "avg": "all"}, "CrossEntropyLoss"], "coef": [0.6, 0.4]},
+    {"types": [{"type": "CrossEntropyLoss", "weight": [1, 2, 0.5, 1, 3]}]},
+    {"types": [{"type": "OhemCrossEntropyLoss", "thresh": 0.3, "min_kept": 20}], "coef": [1, 0.4]},
+    {"types": [{"type": "OhemCrossEntropyLoss", "thresh": 0.05, "min_kept": 20}], "coef": [1, 0.4]},
+])
+def test_loss_twins_agree_in_float64(section):
+    """torch_ref.losses and paddle_impl.losses from the same section give the same terms (float64)."""
+    import torch
+
+    logits, label = _data(4, n=2, c=5, h=6, w=7)
+    logits = logits.astype(np.float64) * 3
+    aux = logits[:, ::-1].copy()
+    tl = tlosses.build_loss("pspnet", section)((torch.from_numpy(logits), torch.from_numpy(aux)),
+                                               torch.from_numpy(label))
+    pl = plosses.build_loss("pspnet", section)((paddle.to_tensor(logits), paddle.to_tensor(aux)),
+                                               paddle.to_tensor(label))
+    assert set(tl) == set(pl) == {"main", "aux", "loss"}
+    for k in tl:
+        np.testing.assert_allclose(float(pl[k]), float(tl[k]), rtol=1e-13, err_msg=k)
+
+
+def test_danet_official_loss_relabels_to_its_own_ignore_label():
+    """DANet's criterion ignores -1: the target's 255 become -1 for the terms that keep the default ignore_index, and
+    the mean stays over the valid pixels (Paddle's own 'mean' would divide by all of them)."""
+    logits, label = _data(5, c=5)
+    outs = tuple(paddle.to_tensor(logits * k) for k in (1.0, 2.0, 0.5))
+    res = plosses.build_loss("danet")(outs, paddle.to_tensor(label))
+    ce, valid = _np_pixel_ce(logits, label)
+    np.testing.assert_allclose(float(res["sasc"]), ce.sum() / valid.sum(), rtol=1e-5)
+    assert plosses.build_loss("danet").relabelled == {"sasc", "sa", "sc"}

@@ -17,7 +17,6 @@ paddle = pytest.importorskip("paddle")
 from paddle_impl.config import ConfigError, load_config  # noqa: E402
 from paddle_impl.datasets import write_cityscapes, write_voc  # noqa: E402
 from paddle_impl.engine import trainer as trainer_mod  # noqa: E402
-from paddle_impl.engine.schedule import LRSchedule, build_schedule  # noqa: E402
 from paddle_impl.engine.trainer import ResumableBatchSampler, Trainer, TrainingDiverged  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,17 +162,18 @@ def test_distributed_two_processes(tmp_path, data):
 
 def test_nan_guard_names_iteration_and_term(tmp_path, data, monkeypatch):
     cfg = load_config(tiny_config(tmp_path / "tiny.yml", "Cityscapes", data / "cs", iters=3))
-    real = trainer_mod.compute_loss
+    import paddle_impl.losses as plosses
+    real = plosses.MultiLoss.forward
     calls = []
 
-    def poisoned(name, outputs, target, ignore_index=255):
-        terms = real(name, outputs, target, ignore_index)
+    def poisoned(self, outputs, target):
+        terms = real(self, outputs, target)
         calls.append(1)
         if len(calls) == 2:
             terms["aux"] = terms["aux"] * float("nan")
         return terms
 
-    monkeypatch.setattr(trainer_mod, "compute_loss", poisoned)
+    monkeypatch.setattr(plosses.MultiLoss, "forward", poisoned)
     tr = Trainer(cfg, tmp_path / "out", progress=False)
     with pytest.raises(TrainingDiverged, match=r"iteration 2: loss term 'aux' = nan"):
         tr.train()
@@ -246,7 +246,7 @@ def test_shipped_configs(name, classes, coefs, opt):
     o = cfg.build_optimizer(model)
     assert type(o).__name__ == opt
     mult = float(cfg.raw["optimizer"].get("head_lr_mult", 10 if opt == "Momentum" else 1))
-    assert o._segtwin_lr_mults == [1.0, mult]
+    assert o._segtwin["lr_mults"] == [1.0, mult] and o._segtwin["groups"] == ["backbone", "head"]
 
 
 def test_voc2007_config_builds_20_class_dataset(tmp_path):
@@ -265,27 +265,7 @@ def test_voc2007_config_builds_20_class_dataset(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# lr schedules and the sampler (pure python)
-
-def test_schedules():
-    poly = LRSchedule("poly", 0.01, 100, power=0.9)
-    assert poly.lr_at(0) == 0.01 and poly.lr_at(50) == pytest.approx(0.01 * 0.5 ** 0.9)
-    assert poly.lr_at(100) == 0.0
-    pe = LRSchedule("poly", 0.01, 100, power=1.0, end_lr=1e-4)
-    assert pe.lr_at(100) == pytest.approx(1e-4)
-    warm = build_schedule({"type": "poly", "learning_rate": 0.01, "warmup_iters": 10, "warmup_start_lr": 1e-4}, 100)
-    assert warm.lr_at(0) == pytest.approx(1e-4)
-    assert warm.lr_at(5) == pytest.approx(1e-4 + (poly.lr_at(10) - 1e-4) / 2)
-    assert warm.lr_at(10) == pytest.approx(poly.lr_at(10))
-    step = build_schedule({"type": "step", "learning_rate": 1.0, "milestones": [3, 6], "gamma": 0.1}, 10)
-    assert [step.lr_at(i) for i in (0, 2, 3, 5, 6, 9)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
-    every = build_schedule({"type": "step", "learning_rate": 1.0, "step_size": 4, "gamma": 0.5}, 10)
-    assert [every.lr_at(i) for i in (0, 3, 4, 8)] == pytest.approx([1, 1, 0.5, 0.25])
-    with pytest.raises(ValueError, match="unknown keys"):
-        build_schedule({"type": "poly", "learning_rate": 0.1, "gamma": 0.1}, 10)
-    with pytest.raises(ValueError, match="exactly one of"):
-        build_schedule({"type": "step", "learning_rate": 0.1}, 10)
-
+# the sampler (pure python; the lr schedules: tests/test_recipe.py)
 
 def test_sampler_order_is_a_function_of_seed_and_epoch():
     s = ResumableBatchSampler(10, 2, seed=3)

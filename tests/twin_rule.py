@@ -148,16 +148,6 @@ class Allow:
 
 
 ALLOW = (
-    # -- losses.py --------------------------------------------------------------------------------------------------
-    Allow("losses.py",
-          "class axis: torch's cross_entropy takes the classes on axis 1 of NCHW logits, Paddle's on the last axis, "
-          "so the Paddle call passes axis=1 (its `if` opens the negative-ignore_index workaround below)",
-          torch=(Line('return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="mean")'),),
-          paddle=(Span("# axis=1: Paddle reduces over the LAST axis", 'reduction="mean", axis=1)'),)),
-    Allow("losses.py",
-          "Paddle 3.3.1 workaround: with a negative ignore_index, reduction='mean' divides by all pixels, ignored "
-          "ones included; the mean over the valid pixels is taken explicitly",
-          paddle=(Span("# Paddle 3.3.1's reduction=\"mean\" divides by ALL pixels", "return paddle.sum(losses) / "),)),
     # -- ops/psa_mask.py --------------------------------------------------------------------------------------------
     Allow("ops/psa_mask.py",
           "module doc: each side describes its own compiled-op mechanism (torch.ops registration with Python fake "
@@ -211,11 +201,22 @@ ALLOW = (
           paddle=(Line("module = load_op()"), Line("return module.psa_mask(x, t, mask_h, mask_w)"))),
     # -- optim.py ---------------------------------------------------------------------------------------------------
     Allow("optim.py",
-          "optimizer construction: torch's SGD takes an absolute lr per parameter group; Paddle's Momentum takes a "
-          "per-group learning_rate that MULTIPLIES the optimizer's lr and does not report it back, so the "
-          "multipliers are kept on the optimizer for current_lrs",
-          torch=(Line('"lr": base_lr * mult, "lr_mult": mult}'), Line("return torch.optim.SGD(groups")),
-          paddle=(Line('"learning_rate": mult}'), Span("opt = paddle.optimizer.Momentum(", "return opt"))),
+          "Paddle only: its Adam/Momentum state lives in named accumulators (velocity, moment1/2, beta pow), one "
+          "step ahead for the bias-correction powers; and the math import for reading the step off them",
+          torch=(),
+          paddle=(Span("# Paddle's accumulator names for the state above", '"beta2_pow": "beta2_pow_acc"}'),
+                  Line("import math", within=None))),
+    Allow("optim.py",
+          "torch only: clip_gradients computes the global norm with math.sqrt",
+          torch=(Line("import math"),), paddle=()),
+    Allow("optim.py",
+          "optimizer construction: torch takes an absolute lr per parameter group; a Paddle group's learning_rate "
+          "MULTIPLIES the optimizer's lr and is not reported back (the multipliers are kept for current_lrs); "
+          "betas vs beta1/beta2, eps vs epsilon; a Paddle group's float weight_decay is its coupled L2 coefficient",
+          torch=(Span('specs = [{"params": [p for _, p in params], "lr": base_lr * mult',
+                      'has no builder here (sgd, adam, adamw)")'),),
+          paddle=(Span('specs = [{"params": [p for _, p in params], "learning_rate": mult',
+                       "kept here for current_lrs."),)),
     Allow("optim.py",
           "applying the scheduled lr: torch writes every group's absolute lr, Paddle sets the optimizer's lr once "
           "and the groups scale it",
@@ -224,24 +225,27 @@ ALLOW = (
     Allow("optim.py",
           "reading the per-group lr: torch's param_groups vs Paddle's get_lr() times the kept multipliers",
           torch=(Line('return [float(g["lr"]) for g in optimizer.param_groups]'),),
-          paddle=(Line("return [float(optimizer.get_lr()) * m for m in optimizer._segtwin_lr_mults]"),)),
+          paddle=(Line('return [float(optimizer.get_lr()) * m for m in optimizer._segtwin["lr_mults"]]'),)),
+    Allow("optim.py",
+          "scaling a gradient in place: torch's mul_ vs Paddle's set_value (Paddle refuses in-place ops on a leaf "
+          "that requires grad)",
+          torch=(Line("g.mul_(scale)"),), paddle=(Line("g.set_value(g * scale)"),)),
     Allow("optim.py",
           "releasing the gradients after a step (not zero-filling them): zero_grad(set_to_none=True) vs "
           "clear_grad(set_to_zero=False)",
           torch=(Line("optimizer.zero_grad(set_to_none=True)"),),
           paddle=(Line("optimizer.clear_grad(set_to_zero=False)"),)),
     Allow("optim.py",
-          "reading the momentum state: torch keeps optimizer.state[p]['momentum_buffer'], Paddle's Momentum a "
-          "'velocity' accumulator keyed by the parameter's name",
-          torch=(Span('"""{parameter name: momentum buffer}', "return out"),),
-          paddle=(Span('"""{parameter name: velocity accumulator}', "return {name: acc[p.name]"),)),
+          "reading the optimizer state: torch's optimizer.state[p] dict (momentum_buffer; exp_avg, exp_avg_sq, step) "
+          "vs Paddle's accumulators keyed by the parameter's name (velocity; moment1/2 and beta pows, from which "
+          "the step is read)",
+          torch=(Span("names = {id(p): n for n, p in model.named_parameters()}", "return out"),),
+          paddle=(Span("names = {p.name: n for n, p in model.named_parameters()}", "return out"),)),
     Allow("optim.py",
-          "writing the momentum state: optimizer.state[p]['momentum_buffer'] vs the 'velocity' accumulator",
-          torch=(Line('"""Overwrite the momentum buffers'),
-                 Span("if name in buffers:", 'optimizer.state[p]["momentum_buffer"] = ')),
-          paddle=(Line('"""Overwrite the velocity accumulators'),
-                  Line('acc = optimizer._accumulators.get("velocity", {})', within="def load_momentum_buffers("),
-                  Span("if name in buffers and p.name in acc:", "acc[p.name].set_value("))),
+          "writing the optimizer state: optimizer.state[p] entries vs the accumulators (Paddle's beta pows one step "
+          "ahead, its step implied by them)",
+          torch=(Span("for sname, values in state.items():", 'st["step"] = torch.tensor('),),
+          paddle=(Span('betas = dict(zip(("beta1_pow", "beta2_pow")', "target.set_value("),)),
 )
 
 

@@ -91,3 +91,56 @@ def row_max(x):
 def relabel(target, old: int, new: int):
     """Integer label map with every `old` value replaced by `new` (a new tensor)."""
     return target.masked_fill(target == old, new)
+
+
+#: normalisation layers: their parameters form the `norm_decay_mult` weight-decay group of the optimizer
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def named_modules(model):
+    """(name, module) of the model and every submodule, the model itself first with name ''."""
+    return model.named_modules()
+
+
+def own_parameters(module):
+    """(name, parameter) of the module itself, not of its children."""
+    return module.named_parameters(recurse=False)
+
+
+def param_groups_of(optimizer) -> list:
+    """The optimizer's parameter groups: dicts with a 'params' list."""
+    return optimizer.param_groups
+
+
+# ---- loss vocabulary ------------------------------------------------------------------------------------------
+no_grad = torch.no_grad
+where = torch.where
+zeros_like = torch.zeros_like
+full_like = torch.full_like
+logical_and = torch.logical_and
+
+
+def pixel_cross_entropy(logits, label, ignore_index: int, weight=None):
+    """Per-pixel cross-entropy (N, H, W) over the class axis 1, 0 at ignored pixels; `weight`: per-class weights
+    (a list) or None."""
+    w = None if weight is None else torch.tensor(weight, dtype=logits.dtype, device=logits.device)
+    return F.cross_entropy(logits, label.long(), weight=w, ignore_index=ignore_index, reduction="none")
+
+
+def as_dtype_of(x, ref):
+    """`x` cast to the dtype of `ref`."""
+    return x.to(ref.dtype)
+
+
+def clamp_min(x, low: float):
+    return torch.clamp(x, min=low)
+
+
+def take_class(prob, label):
+    """prob (N, C, H, W), label (N, H, W) -> prob[n, label[n, h, w], h, w] of shape (N, H, W)."""
+    return torch.gather(prob, 1, label.long().unsqueeze(1)).squeeze(1)
+
+
+def sorted_values(x):
+    """The values of a 1-D tensor in ascending order."""
+    return torch.sort(x)[0]

@@ -53,7 +53,7 @@ import paddle.io
 from alignment.utils import atomic_write
 
 from .. import optim as optim_mod
-from ..losses import compute_loss
+from ..syncbn import convert_sync_batchnorm
 from ..metrics import confusion_matrix, metrics_from_confusion
 
 __all__ = ["Trainer", "TrainingDiverged", "DataError", "RunDirError", "ResumableBatchSampler", "SeededSamples",
@@ -635,7 +635,7 @@ class Trainer:
             self.model = convert_sync_batchnorm(self.model)
         self.optimizer = cfg.build_optimizer(self.model)
         self.schedule = cfg.build_lr()
-        self.coefs = cfg.loss_coefs
+        self.loss = cfg.build_loss()
         self.amp = bool(raw["amp"]) and self.on_gpu
         if raw["amp"] and not self.on_gpu:
             self.log.info("amp: true in the config, but AMP runs on GPU only: training in float32")
@@ -722,13 +722,13 @@ class Trainer:
                         outputs = net(images)
                 else:
                     outputs = net(images)
-                terms = compute_loss(self.cfg.model_type, outputs, labels, self.cfg.ignore_index)
-                terms = {k: v.astype("float32") for k, v in terms.items() if k != "loss"}
-                total = sum(self.coefs[k] * terms[k] for k in self.coefs)
-                terms = dict(terms, loss=total)
+                terms = {k: v.astype("float32") for k, v in self.loss(outputs, labels).items()}
+                total = terms["loss"]
                 self._check_finite(it + 1, terms)
                 if self.scaler is not None:
                     self.scaler.scale(total).backward()
+                    self.scaler.unscale_(self.optimizer)  # clip (when the recipe asks) the true gradients
+                    optim_mod.clip_gradients(self.optimizer)
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
                     self.optimizer.clear_grad(set_to_zero=False)
@@ -788,25 +788,3 @@ class Trainer:
         os.makedirs(out, exist_ok=True)
         arrays = {name: p.numpy() for name, p in self.model.named_parameters()}
         np.savez(os.path.join(out, f"rank{self.rank}.npz"), **arrays)
-
-
-def convert_sync_batchnorm(model):
-    """GPU multi-card only: replace the twins' torch-semantics ``BatchNorm2d`` by ``paddle.nn.SyncBatchNorm``
-    (same parameter/buffer names; Paddle momentum = 1 - torch momentum). Paddle has no CPU SyncBN kernel."""
-    from .. import layers as L
-
-    def swap(layer):
-        for name, child in list(layer.named_children()):
-            if isinstance(child, L.BatchNorm2d):
-                sync = paddle.nn.SyncBatchNorm(child.num_features, momentum=1.0 - child.momentum,
-                                               epsilon=child.eps)
-                sync.weight.set_value(child.weight)
-                sync.bias.set_value(child.bias)
-                sync._mean.set_value(child._mean)
-                sync._variance.set_value(child._variance)
-                setattr(layer, name, sync)
-            else:
-                swap(child)
-        return layer
-
-    return swap(model)
