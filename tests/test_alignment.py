@@ -100,7 +100,7 @@ def test_clean_port_passes_every_step(clean_small):
     n_params = len(list(m.named_parameters()))
     n_buffers = len([b for b, _ in m.named_buffers() if not b.endswith("num_batches_tracked")])
     per_iter = 2 + 3 + n_params * 3 + n_buffers  # lrs, loss terms, grad+param+momentum, buffers
-    assert v["steps"]["backward"]["keys"] == 2 * per_iter + 1
+    assert v["steps"]["backward"]["keys"] == 2 + 2 * per_iter + 1  # + the two groups' memberships, eval logits
     assert v["trace"]["first_divergent_forward"] is None and v["trace"]["first_divergent_backward"] is None
     assert v["trace"]["layers_forward"] > 200
 
