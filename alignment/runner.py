@@ -446,6 +446,9 @@ def run(name: str, weights=None, out="segtwin_out", data=None, input_size=None, 
                           results["backward"].series if "backward" in results else None)
     except Exception as e:  # plots are a convenience; never hide a verdict behind them
         log.warning("plots not written: %s", e)
+    if "backward" in results and results["backward"].series.get("growth"):
+        import json
+        (ctx.out_dir / "free_run.json").write_text(json.dumps(results["backward"].series))  # the curves, per iter
     verdict = {
         "model": name,
         "passed": all(r.passed for r in results.values()),

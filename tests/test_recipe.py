@@ -332,6 +332,17 @@ def test_free_run_reports_divergence_against_float32_reference(toy, tmp_path):
     note = next(n for n in res["notes"] if n.startswith("free run, 6 iterations"))
     assert "reference torch float32 vs float64" in note and "per iteration" in note
     assert (tmp_path / "toy" / "free_run.png").stat().st_size > 1000
+    import json
+    curves = json.loads((tmp_path / "toy" / "free_run.json").read_text())
+    assert len(curves["twin"]["param"]) == len(curves["reference"]["param"]) == 6 and curves["twin"]["param"][0] > 0
+    assert curves["reference"]["param"][-1] > curves["twin"]["param"][-1]
+    assert set(curves["twin"]) == {"param", "loss/main", "loss/loss"}
+
+
+def test_growth_factor_of_the_growth_phase():
+    from alignment.steps.backward import growth_factor
+    assert growth_factor([1e-9, 1e-8, 1e-7, 1e-6, 1e-6, 1e-6]) == pytest.approx(10.0)
+    assert growth_factor([0.0, 0.0]) == 1.0
 
 
 # ------------------------------------------------------------------------------------------------------- CLI

@@ -95,9 +95,13 @@ def _rel(a, b) -> float:
 
 
 def growth_factor(series) -> float:
-    """Per-iteration growth factor of a divergence curve: exp of the least-squares slope of log(d) over the
-    iterations where d > 0 (1.0 when fewer than 2 such points)."""
-    pts = [(i, np.log(d)) for i, d in enumerate(series) if d > 0]
+    """Per-iteration growth factor of a divergence curve during its GROWTH phase: exp of the least-squares slope of
+    log(d) over the iterations up to the first one where d reaches half its maximum (a divergence saturates once the
+    two runs have separated, and a fit over the plateau would report ~1); 1.0 with fewer than 2 points."""
+    series = list(series)
+    peak = max(series) if series else 0.0
+    end = next((i for i, d in enumerate(series) if d >= 0.5 * peak), len(series) - 1)
+    pts = [(i, np.log(d)) for i, d in enumerate(series[:end + 1]) if d > 0]
     if len(pts) < 2:
         return 1.0
     x, y = np.array(pts).T
