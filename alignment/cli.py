@@ -3,6 +3,7 @@
   segtwin align MODEL | --all       = python -m alignment             compare a Paddle twin with its torch reference
   segtwin convert MODEL SRC DST     = python -m weights_convert       official .pth -> .pdparams (strict, reported)
   segtwin synth cityscapes|voc DIR  = python -m paddle_impl.datasets  write a mini dataset in the official layout
+  segtwin data check --config CFG [--data-root DIR] = python -m paddle_impl.datasets.check check ...
   segtwin train --config CFG        = python -m paddle_impl.train     train a Paddle twin (single or multi-GPU/CPU)
   segtwin eval --config CFG --weights W    = python -m paddle_impl.engine.evaluate   whole / flip / ms / sliding
   segtwin predict --config CFG --weights W --image P --out D = python -m paddle_impl.engine.predict
@@ -22,6 +23,7 @@ COMMANDS = {
     "align": "alignment.__main__",
     "convert": "weights_convert.__main__",
     "synth": "paddle_impl.datasets.__main__",
+    "data": "paddle_impl.datasets.check",
     "train": "paddle_impl.train",
     "eval": "paddle_impl.engine.evaluate",
     "predict": "paddle_impl.engine.predict",

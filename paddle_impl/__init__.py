@@ -23,11 +23,9 @@ def config_from_weights(name: str, state_dict, given=None) -> dict:
 
 def load_pdparams(name: str, path, **cfg):
     """Build `name` and load a `.pdparams` strictly (see `checkpoint.strict_load`). Returns the model in eval mode."""
-    import paddle
+    from .checkpoint import read_state_file, strict_load
 
-    from .checkpoint import strict_load
-
-    state_dict = paddle.load(str(path))
+    state_dict = read_state_file(path)
     model = build_model(name, **config_from_weights(name, state_dict, cfg))
     strict_load(model, state_dict, source=str(path))
     model.eval()

@@ -1,7 +1,65 @@
-"""Strict state_dict loading for Paddle layers (Paddle's `set_state_dict` only warns on missing keys)."""
+"""Reading `.pdparams` / `.pdopt` files without running code, and strict state_dict loading for Paddle layers
+(Paddle's `set_state_dict` only warns on missing keys)."""
 from __future__ import annotations
 
+import os
+import pickle
+from typing import Any, Dict
+
 import numpy as np
+
+#: the only globals a state dict written by ``paddle.save`` names: numpy's array reconstruction. Anything else
+#: (``os.system``, ``builtins.eval``, a class of some package) is refused before it is looked up, so a file from
+#: someone else cannot run code here; ``paddle.load`` is a plain ``pickle.load`` and would run it.
+_SAFE_GLOBALS = {
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
+}
+#: the key ``paddle.save`` adds to a state dict (structured name -> parameter name); ``paddle.load`` drops it too
+_STRUCTURED_KEY = "StructuredToParameterName@@"
+
+
+class UnsafeStateFile(ValueError):
+    """A state file that names a global outside ``_SAFE_GLOBALS``: refused unread (loading it could run code)."""
+
+
+class _StateUnpickler(pickle.Unpickler):
+    def __init__(self, f, path: str):
+        super().__init__(f)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _SAFE_GLOBALS:
+            raise UnsafeStateFile(f"{self.path}: refused: it names {module}.{name}, which a Paddle state dict never "
+                                  f"holds (unpickling it could run code); only numpy arrays are read")
+        return super().find_class(module, name)
+
+
+def read_state_file(path) -> Dict[str, Any]:
+    """The dict of numpy arrays (and plain values) in a ``paddle.save`` file (``.pdparams`` / ``.pdopt``), read with
+    a restricted unpickler. OSError naming the file when it is missing, empty, truncated or not a pickle;
+    UnsafeStateFile when it names anything but numpy arrays; ValueError when it holds no dict."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise OSError(f"{path} is empty (0 bytes): an interrupted copy or download?")
+    with open(path, "rb") as f:
+        try:
+            obj = _StateUnpickler(f, path).load()
+        except UnsafeStateFile:
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+                KeyError, MemoryError, OverflowError) as e:
+            size = os.path.getsize(path)
+            raise OSError(f"{path} ({size} bytes) is truncated or not a Paddle state file "
+                          f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    obj = dict(obj)
+    obj.pop(_STRUCTURED_KEY, None)
+    return obj
 
 
 class StateDictMismatch(ValueError):

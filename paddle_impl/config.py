@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import inspect
 import os
+import re
 from typing import Any, Dict, Optional
 
 import yaml
@@ -130,13 +132,34 @@ def _set_dotted(raw: Dict[str, Any], dotted: str, value: Any) -> None:
             raise ConfigError(f"override {dotted}: {'.'.join(parts[:i])} is a {type(node).__name__}, not a mapping")
 
 
+def _yaml_plain(value):
+    """Tuples as lists, numpy scalars as numbers: what ``yaml.safe_dump`` writes."""
+    if isinstance(value, dict):
+        return {k: _yaml_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_yaml_plain(v) for v in value]
+    return value.item() if hasattr(value, "item") and not isinstance(value, (int, float, str, bool)) else value
+
+
+def _show_override(value) -> str:
+    if value is REMOVE:
+        return "null"
+    return value if isinstance(value, str) else json.dumps(_yaml_plain(value))
+
+
 #: an override value that removes the key (``--opts optimizer.momentum=null``)
 REMOVE = object()
 
 
+#: a number as people type it; YAML 1.1 reads ``1e-3`` (no dot) as a string
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
 def parse_opts(items) -> Dict[str, Any]:
     """``["iters=100", "optimizer.type=adam", "train_dataset.transforms.5.size=[65, 65]"]`` -> dotted overrides;
-    values are read as YAML (numbers, booleans, lists), anything else stays a string; ``null`` removes the key."""
+    values are read as YAML (numbers, booleans, lists), ``1e-3`` as a number, anything else stays a string;
+    ``null`` removes the key. The config's schema then checks each value's type and the key (with "did you
+    mean")."""
     out: Dict[str, Any] = {}
     for item in items or []:
         key, sep, text = str(item).partition("=")
@@ -146,6 +169,8 @@ def parse_opts(items) -> Dict[str, Any]:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
             value = text
+        if isinstance(value, str) and _NUMBER.match(value.strip()):
+            value = float(value) if any(c in value for c in ".eE") else int(value)
         out[key.strip()] = REMOVE if value is None else value
     return out
 
@@ -155,6 +180,8 @@ class Config:
 
     def __init__(self, raw: Dict[str, Any], path: str = "<config>"):
         self.path = path
+        #: the dotted overrides (``--opts``, ``--iters``, ...) applied on top of the file, for the record
+        self.overrides: Dict[str, Any] = {}
         self.file = os.path.basename(path)
         _validate(raw, SCHEMA, "<root>", self.file)
         for key in _REQUIRED:
@@ -287,16 +314,24 @@ class Config:
             kw["base_size"] = int(tc["base_size"])
         return kw
 
+    def to_yaml(self) -> str:
+        """The config as it runs (file + overrides + defaults) as YAML, headed by where it came from: what
+        ``segtwin train`` saves as ``SAVE_DIR/config.yml`` (``segtwin train --config SAVE_DIR/config.yml`` runs it
+        again)."""
+        head = [f"# resolved config of {os.path.abspath(self.path)} (defaults filled in)"]
+        if self.overrides:
+            shown = " ".join(f"{k}={_show_override(v)}" for k, v in self.overrides.items())
+            head.append(f"# overrides: {shown}")
+        return "\n".join(head) + "\n" + yaml.safe_dump(_yaml_plain(self.raw), sort_keys=False)
+
     # ------------------------------------------------------------------------------------------------ builders
     def build_model(self):
         """``paddle_impl.build_model(model.type, num_classes=..., <other model keys>)``; ``model.pretrained`` (a
         full-model .pdparams) is loaded strictly when set; ``model.backbone_pretrained`` (e.g. ImageNet weights
         converted with ``segtwin convert --partial backbone``) must hold every non-head key of the model (heads:
         the spec's ``head_prefixes``) with the right shape and nothing else."""
-        import paddle
-
         import paddle_impl
-        from .checkpoint import strict_load
+        from .checkpoint import read_state_file, strict_load
         cfg = {k: v for k, v in self.raw["model"].items()
                if k not in ("type", "pretrained", "backbone_pretrained", "num_classes")}
         try:
@@ -307,12 +342,12 @@ class Config:
         if pretrained:
             if not os.path.isfile(pretrained):
                 raise FileNotFoundError(f"{self.file}: model.pretrained {pretrained} does not exist")
-            strict_load(model, paddle.load(pretrained), source=pretrained)
+            strict_load(model, read_state_file(pretrained), source=pretrained)
         backbone = self.raw["model"].get("backbone_pretrained")
         if backbone:
             if not os.path.isfile(backbone):
                 raise FileNotFoundError(f"{self.file}: model.backbone_pretrained {backbone} does not exist")
-            load_backbone(model, paddle.load(backbone), source=backbone, head_prefixes=self.spec.head_prefixes)
+            load_backbone(model, read_state_file(backbone), source=backbone, head_prefixes=self.spec.head_prefixes)
         return model
 
     def _dataset_class(self, section: str):
@@ -420,4 +455,6 @@ def load_config(path, overrides: Optional[Dict[str, Any]] = None) -> Config:
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(raw, key, value)
-    return Config(raw, path)
+    cfg = Config(raw, path)
+    cfg.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return cfg

@@ -27,6 +27,9 @@ if __name__ == "__main__" and not __package__:  # run as a script (paddle.distri
     __package__ = "paddle_impl"
 
 
+from .engine._cli import add_opts_argument  # noqa: E402 - after the script-mode path fix above
+
+
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="segtwin train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="YAML config (paddle_impl/configs/*.yml)")
@@ -44,16 +47,17 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
                    help="the save dir holds an earlier run: delete its checkpoints, best model and log, start again "
                         "(without it, such a save dir is refused unless --resume)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    add_opts_argument(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config
+    from .config import ConfigError, load_config, parse_opts
     from .engine.trainer import Trainer, TrainingDiverged
 
-    overrides = {"iters": args.iters, "seed": args.seed, "batch_size": args.batch_size,
-                 "num_workers": args.num_workers}
+    flags = {"iters": args.iters, "seed": args.seed, "batch_size": args.batch_size, "num_workers": args.num_workers}
     try:
+        overrides = dict(parse_opts(args.opts), **{k: v for k, v in flags.items() if v is not None})
         cfg = load_config(args.config, overrides)
         save_dir = args.save_dir or cfg.raw.get("save_dir") or os.path.join(
             "output", os.path.splitext(os.path.basename(args.config))[0])

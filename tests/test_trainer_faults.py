@@ -172,7 +172,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_one(tmp_path, monkeypa
         Trainer(cfg, tmp_path / "out", progress=False).train()
     out = tmp_path / "out"
     assert (out / "latest").read_text().strip() == "iter_1"
-    assert sorted(p.name for p in out.iterdir()) == ["iter_1", "latest", "train.log"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yml", "iter_1", "latest", "scalars.jsonl", "train.log"]
     assert _finite_checkpoint(out / "iter_1")
 
 

@@ -132,7 +132,7 @@ class VOCSegmentation(SegDataset):
             if not os.path.isfile(img):
                 raise FileNotFoundError(f"{src}:{lineno}: image {img} not found")
             if not os.path.isfile(lbl):
-                raise FileNotFoundError(f"image {img} has no label: expected {lbl}")
+                raise FileNotFoundError(f"{src}:{lineno}: image {img} has no label: expected {lbl}")
             files.append((img, lbl))
         if not files:
             raise FileNotFoundError(f"VOC list {list_file or label_dir} names no images")

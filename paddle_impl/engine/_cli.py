@@ -69,18 +69,27 @@ def set_threads(n: Optional[int]) -> None:
         _set_threads(n, ("paddle",))
 
 
-def load_cfg(path: str, data_root: Optional[str] = None):
-    from ..config import load_config  # lazily: the config module is optional for the library functions
-    overrides = {"val_dataset.dataset_root": data_root} if data_root else None
+def add_opts_argument(p: argparse.ArgumentParser) -> None:
+    """``--opts KEY=VALUE ...``: any config key by dotted path (PaddleSeg's --opts, mmseg's --cfg-options)."""
+    p.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys by dotted path, e.g. --opts lr_scheduler.learning_rate=0.005 "
+                        "train_dataset.transforms.5.size=[769,769] optimizer.momentum=null (null removes a key); "
+                        "values are YAML; checked against the schema like the file")
+
+
+def load_cfg(path: str, data_root: Optional[str] = None, opts=None):
+    """The config with ``--opts`` applied, then ``--data-root`` (val_dataset.dataset_root)."""
+    from ..config import load_config, parse_opts  # lazily: the config module is optional for the library functions
+    overrides = parse_opts(opts)
+    if data_root:
+        overrides["val_dataset.dataset_root"] = data_root
     return load_config(path, overrides)
 
 
 def load_weights(model, weights: str) -> None:
     """A ``.pdparams`` (plain state dict, or a dict with a ``model`` state dict) or a checkpoint directory holding
     ``model.pdparams``; loaded strictly."""
-    import paddle
-
-    from ..checkpoint import strict_load
+    from ..checkpoint import read_state_file, strict_load
 
     path = weights
     if os.path.isdir(path):
@@ -88,7 +97,7 @@ def load_weights(model, weights: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights {weights} not found (a .pdparams file or a checkpoint directory with "
                                 f"model.pdparams)")
-    sd = paddle.load(path)
+    sd = read_state_file(path)
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
         sd = sd["model"]
     strict_load(model, sd, source=path)

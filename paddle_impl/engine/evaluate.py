@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
     _cli.add_test_options(p)
+    _cli.add_opts_argument(p)
     return p
 
 
@@ -39,7 +40,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         _cli.set_threads(args.threads)
         from .evaluator import evaluate, format_table, save_json
 
-        cfg = _cli.load_cfg(args.config, args.data_root)
+        cfg = _cli.load_cfg(args.config, args.data_root, args.opts)
         test_kw = _cli.test_kwargs(args, cfg)  # before building anything: a bad option fails fast
         model = _cli.build_model(cfg, args.weights)
         dataset = cfg.build_dataset("val", root=args.data_root)

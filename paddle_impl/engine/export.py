@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output prefix, e.g. out/pspnet")
     p.add_argument("--input-size", default="1,3,513,513", help="N,C,H,W of the exported graph (default 1,3,513,513;"
                    " PSPNet needs (H-1)%%8 == 0)")
+    _cli.add_opts_argument(p)
     return p
 
 
@@ -35,7 +36,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .exporter import export
 
         shape = parse_size(args.input_size, "--input-size", "NCHW")
-        cfg = _cli.load_cfg(args.config)
+        cfg = _cli.load_cfg(args.config, opts=args.opts)
         model = _cli.build_model(cfg, args.weights)
         files = export(model, args.out, shape)
         mean, std, to_bgr = _cli.normalize_from_config(cfg)

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip", action="store_true")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0])
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
 
 
@@ -80,7 +81,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError(f"{graph}: the exported input shape {shape} is not fixed; re-export with --input-size")
         palette = args.palette or deploy.get("palette", "voc")
         res = predict(model, args.image, args.out, palette, alpha=args.alpha, normalize=normalize, mode="slide",
-                      crop=crop, flip=args.flip, scales=tuple(args.scales), size_rule=None)
+                      crop=crop, flip=args.flip, scales=tuple(args.scales), size_rule=None,
+                      progress=not args.no_progress)
         print(f"{len(res)} image(s) -> {args.out}")
     except (OSError, ValueError, KeyError) as e:
         return _cli.fail(PROG, e)

@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--palette", default=None, help="cityscapes or voc (default: from the config's dataset type)")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colours (default 0.5)")
     p.add_argument("--overlay-ext", default=".jpg", choices=[".jpg", ".png"])
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     _cli.add_test_options(p)
+    _cli.add_opts_argument(p)
     return p
 
 
@@ -33,11 +35,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         _cli.set_threads(args.threads)
         from .predictor import predict
 
-        cfg = _cli.load_cfg(args.config)
+        cfg = _cli.load_cfg(args.config, opts=args.opts)
         model = _cli.build_model(cfg, args.weights)
         palette = args.palette or _cli.palette_name(_cli.dataset_type(cfg))
         res = predict(model, args.image, args.out, palette, alpha=args.alpha, overlay_ext=args.overlay_ext,
-                      normalize=_cli.normalize_from_config(cfg), progress=True,
+                      normalize=_cli.normalize_from_config(cfg), progress=not args.no_progress,
                       **_cli.test_kwargs(args, cfg))
         print(f"{len(res)} image(s) -> {args.out}")
     except (OSError, ValueError, KeyError) as e:

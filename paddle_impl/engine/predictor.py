@@ -3,18 +3,20 @@
     from paddle_impl.engine.predictor import predict, palette_for
     predict(model, ["a.png", "dir/"], "out/", "cityscapes", mode="slide", crop=713, flip=True)
 
+Directories are walked recursively and their layout kept (``leftImg8bit/val`` -> ``out/<city>/NAME.png``).
 For each image ``NAME.ext``: ``out/NAME.png`` (mode "P": pixel values are the predicted class indices, the palette
 gives the colours) and ``out/NAME_overlay.jpg`` (``alpha`` * colour + (1 - alpha) * image).
 """
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, List, Optional, Union
+from typing import Callable, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["predict", "palette_for", "cityscapes_palette", "voc_palette", "list_images", "read_image",
+__all__ = ["predict", "palette_for", "cityscapes_palette", "voc_palette", "list_images", "list_image_names",
+           "read_image",
            "save_label_png", "overlay", "IMAGE_EXTS"]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -56,19 +58,29 @@ def palette_for(palette) -> np.ndarray:
 
 
 def list_images(paths: Union[str, os.PathLike, Iterable]) -> List[str]:
-    """Files and directories (their images, sorted, not recursive) -> a list of image paths."""
+    """Files and directories -> a list of image paths (see ``list_image_names``)."""
+    return [path for path, _ in list_image_names(paths)]
+
+
+def list_image_names(paths: Union[str, os.PathLike, Iterable]) -> List[Tuple[str, str]]:
+    """``[(image path, output name)]``: a file is named by its stem; a directory is walked recursively (sorted;
+    e.g. Cityscapes ``leftImg8bit/val/<city>/``) and each image named by its path relative to that directory,
+    without the extension (``frankfurt/frankfurt_000000_000294_leftImg8bit``), so the output keeps the layout."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out = []
     for p in paths:
         p = os.fspath(p)
         if os.path.isdir(p):
-            found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTS))
+            found = []
+            for d, subdirs, files in os.walk(p):
+                subdirs.sort()
+                found += [os.path.join(d, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTS)]
             if not found:
-                raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) in directory {p}")
-            out.extend(found)
+                raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) in directory {p} or below it")
+            out += [(f, os.path.splitext(os.path.relpath(f, p))[0]) for f in found]
         elif os.path.isfile(p):
-            out.append(p)
+            out.append((p, os.path.splitext(os.path.basename(p))[0]))
         else:
             raise FileNotFoundError(f"image {p} does not exist")
     return out
@@ -118,7 +130,7 @@ def predict(model, paths, out_dir, palette, *, alpha: float = 0.5, overlay_ext: 
     if overlay_ext.lower() not in (".jpg", ".jpeg", ".png"):
         raise ValueError(f"overlay_ext must be .jpg or .png, got {overlay_ext!r}")
     pal = palette_for(palette)
-    files = list_images(paths)
+    files = list_image_names(paths)
     os.makedirs(out_dir, exist_ok=True)
     if model is not None and hasattr(model, "eval"):
         model.eval()
@@ -131,14 +143,14 @@ def predict(model, paths, out_dir, palette, *, alpha: float = 0.5, overlay_ext: 
             pass
     results = []
     used = set()
-    for path in it:
+    for path, stem in it:
         image = reader(path)
         pred = predict_fn(image) if predict_fn is not None else predict_label(model, image, **predict_kw)
-        stem = os.path.splitext(os.path.basename(path))[0]
         name, k = stem, 1
-        while name in used:  # same stem from two directories
+        while name in used:  # the same name from two arguments
             name, k = f"{stem}_{k}", k + 1
         used.add(name)
+        os.makedirs(os.path.dirname(os.path.join(out_dir, name)), exist_ok=True)
         label_path = save_label_png(pred, os.path.join(out_dir, name + ".png"), pal)
         ov_path = os.path.join(out_dir, name + "_overlay" + overlay_ext)
         Image.fromarray(overlay(image, pred, pal, alpha)).save(ov_path, quality=95) \

@@ -53,6 +53,8 @@ import paddle.io
 from alignment.utils import atomic_write
 
 from .. import optim as optim_mod
+from ..checkpoint import read_state_file
+from .curves import CURVES_FILE, SCALARS_FILE, ScalarLog, plot_curves
 from ..syncbn import convert_sync_batchnorm
 from ..metrics import confusion_matrix, metrics_from_confusion
 
@@ -263,6 +265,9 @@ def _commit_dir(tmp: str, final: str) -> None:
 
 STATE_FILE = "state.json"
 LEGACY_STATE = "state.pkl"
+CONFIG_FILE = "config.yml"
+#: what a run writes next to its checkpoints; --overwrite removes them with the checkpoints
+RUN_FILES = ("train.log", "vdl", CONFIG_FILE, SCALARS_FILE, CURVES_FILE)
 
 
 def find_checkpoint(path: str) -> str:
@@ -299,11 +304,26 @@ def load_checkpoint_state(ckpt: str) -> Dict[str, Any]:
     return state
 
 
+def _changed_keys(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> list:
+    """Dotted keys whose values differ between two config dicts."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
 def _nonfinite(named_tensors) -> list:
     """Names of the floating tensors holding NaN or Inf."""
     bad = []
     for name, t in named_tensors:
-        if hasattr(t, "dtype") and "float" in str(t.dtype) and not bool(paddle.isfinite(t).all()):
+        if isinstance(t, np.ndarray):
+            if t.dtype.kind == "f" and not np.isfinite(t).all():
+                bad.append(name)
+        elif hasattr(t, "dtype") and "float" in str(t.dtype) and not bool(paddle.isfinite(t).all()):
             bad.append(name)
     return bad
 
@@ -394,6 +414,8 @@ class Trainer:
         self.log = _logger()
         self._handlers = []
         self._vdl = None
+        self._scalars: Optional[ScalarLog] = None
+        self._pending_warnings: list = []  # found before the log handlers exist
         #: per-iteration record {'iter', 'lr', <loss terms>, 'loss'} of this run (python floats)
         self.history = []
 
@@ -414,7 +436,7 @@ class Trainer:
             raise RunDirError(f"save dir {self.save_dir} already holds a run ({', '.join(found[:4])}"
                               f"{', ...' if len(found) > 4 else ''}): pass --resume to continue it, --overwrite to "
                               f"delete it and start again, or choose another --save-dir")
-        for d in found + [d for d in ("train.log", "vdl") if os.path.exists(os.path.join(self.save_dir, d))]:
+        for d in found + [d for d in os.listdir(self.save_dir) if d in RUN_FILES or d.startswith("config.prev-")]:
             path = os.path.join(self.save_dir, d)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
@@ -426,6 +448,7 @@ class Trainer:
         if not os.access(self.save_dir, os.W_OK):
             raise RunDirError(f"save dir {self.save_dir} is not writable")
         self._claim_save_dir()
+        self._record_config()
         fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
         fh = logging.FileHandler(os.path.join(self.save_dir, "train.log"), encoding="utf-8")
         fh.setFormatter(fmt)
@@ -434,6 +457,8 @@ class Trainer:
         for h in (fh, sh):
             self.log.addHandler(h)
             self._handlers.append(h)
+        for w in self._pending_warnings:
+            self.log.warning(w)
         try:
             from visualdl import LogWriter
         except ImportError:
@@ -441,7 +466,37 @@ class Trainer:
         else:
             self._vdl = LogWriter(logdir=os.path.join(self.save_dir, "vdl"))
 
+    def _record_config(self) -> None:
+        """``SAVE_DIR/config.yml``: the config as this run uses it (the file, ``--opts`` and flags, defaults). A
+        resume whose config differs keeps the earlier one as ``config.prev-K.yml`` and warns which keys changed."""
+        import yaml
+
+        path = os.path.join(self.save_dir, CONFIG_FILE)
+        text = self.cfg.to_yaml()
+        if self.resume and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    old = yaml.safe_load(f)
+            except (OSError, yaml.YAMLError):
+                old = None
+            if old == yaml.safe_load(text):
+                return
+            k = 1
+            while os.path.exists(os.path.join(self.save_dir, f"config.prev-{k}.yml")):
+                k += 1
+            prev = os.path.join(self.save_dir, f"config.prev-{k}.yml")
+            os.replace(path, prev)
+            changed = _changed_keys(old, yaml.safe_load(text)) if isinstance(old, dict) else ["(unreadable)"]
+            shown = ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
+            self._pending_warnings.append(f"resuming with a config that differs from the run's ({shown}); the "
+                                          f"earlier one is kept as {prev}")
+        with atomic_write(path, encoding="utf-8") as f:
+            f.write(text)
+
     def _close_logging(self) -> None:
+        if self._scalars is not None:
+            self._scalars.close()
+            self._scalars = None
         for h in self._handlers:
             self.log.removeHandler(h)
             h.close()
@@ -453,6 +508,21 @@ class Trainer:
     def _scalar(self, tag: str, value: float, step: int) -> None:
         if self._vdl is not None:
             self._vdl.add_scalar(tag, value, step)
+
+    def _record(self, rec: Dict[str, Any]) -> None:
+        """One record of scalars.jsonl (and VisualDL when installed)."""
+        rec = dict(rec, time=round(time.time(), 3))
+        if self._scalars is not None:
+            self._scalars.add(rec)
+        tag = "Train" if rec["kind"] == "train" else "Evaluate"
+        for k, v in rec.items():
+            if k not in ("kind", "iter", "epoch", "time"):
+                self._scalar(f"{tag}/{k}", v, rec["iter"])
+
+    def _plot(self) -> None:
+        if self._scalars is not None:
+            plot_curves(self._scalars.records, os.path.join(self.save_dir, CURVES_FILE),
+                        title=f"{self.cfg.model_type} ({self.cfg.file})")
 
     # -------------------------------------------------------------------------------------------- checkpoints
     def _check_weights_finite(self, it: int) -> None:
@@ -565,7 +635,7 @@ class Trainer:
         for fname in ("model.pdparams", "model.pdopt"):
             path = os.path.join(ckpt, fname)
             try:
-                obj = paddle.load(path)
+                obj = read_state_file(path)
             except Exception as e:  # noqa: BLE001 - any failure to read is a bad checkpoint file
                 raise RunDirError(f"{path}: cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]})") \
                     from None
@@ -686,6 +756,7 @@ class Trainer:
             start = self._load_checkpoint(path)
         if self.is_main:
             self._remove_stale_temporaries()
+            self._scalars = ScalarLog(self.save_dir, start)
         net = paddle.DataParallel(self.model) if self.world_size > 1 else self.model
         self.model.train()
         if self.is_main:
@@ -756,11 +827,11 @@ class Trainer:
                                   + " ".join(f"{k}={v:.4f}" for k, v in avg.items())
                                   + f" lr={lr:.6g} batch_cost={bc:.4f}s reader_cost={rc:.5f}s ips={ips:.3f} "
                                   f"samples/s eta={int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
-                    for k, v in avg.items():
-                        self._scalar(f"Train/{k}", v, it)
-                    self._scalar("Train/lr", lr, it)
-                    self._scalar("Train/batch_cost", bc, it)
-                    self._scalar("Train/reader_cost", rc, it)
+                    lrs = dict(zip(optim_mod.group_names(self.optimizer), optim_mod.current_lrs(self.optimizer)))
+                    self._record(dict({"kind": "train", "iter": it, "epoch": epoch + 1},
+                                      **{f"loss/{k}": v for k, v in avg.items()},
+                                      **{f"lr/{g}": v for g, v in lrs.items()},
+                                      batch_cost=bc, reader_cost=rc, ips=ips))
                     sums, batch_cost, reader_cost, n_window = {}, 0.0, 0.0, 0
                 if self.is_main and (it % save_iters == 0 or it == self.iters):
                     self._save_checkpoint(it, epoch)
@@ -771,12 +842,14 @@ class Trainer:
                         self._save_best(it, m)
                     self.log.info(f"[EVAL] iter {it}: mIoU={m['mIoU']:.4f} Acc={m['Acc']:.4f} mAcc={m['mAcc']:.4f} "
                                   f"(best mIoU {self.best_miou:.4f} at iter {self.best_iter})")
-                    self._scalar("Evaluate/mIoU", m["mIoU"], it)
-                    self._scalar("Evaluate/Acc", m["Acc"], it)
+                    self._record({"kind": "eval", "iter": it, "mIoU": m["mIoU"], "Acc": m["Acc"], "mAcc": m["mAcc"]})
+                    self._plot()
         finally:
             if bar is not None:
                 bar.close()
             self.reader.close()
+        if self.is_main:
+            self._plot()
         self._dump_rank_params()
         return {"iteration": it, "rank": self.rank, "best_miou": self.best_miou, "best_iter": self.best_iter,
                 "last_loss": last.get("loss")}
