@@ -193,9 +193,10 @@ def test_pickled_state_is_never_read(tmp_path):
     marker = tmp_path / "pwned"
     (ckpt / "state.pkl").write_bytes(pickle.dumps({"iteration": 1, "x": _Payload(marker)}))
     (tmp_path / "out" / "latest").write_text("iter_1\n")
-    rc, err, _ = _train(cfg, tmp_path / "out", "--resume", str(ckpt))
-    line = _error_line(err)
-    assert rc == 2 and "never read" in line and "state.pkl" in line, line
+    for how in (("--resume", str(ckpt)), ("--resume",)):  # the checkpoint named, or found through `latest`
+        rc, err, _ = _train(cfg, tmp_path / "out", *how)
+        line = _error_line(err)
+        assert rc == 2 and "never read" in line and "state.pkl" in line, line
     assert not marker.exists(), "the pickle's payload ran"
 
 

@@ -284,6 +284,8 @@ def find_checkpoint(path: str) -> str:
         with open(pointer, encoding="utf-8") as f:
             name = f.read().strip()
         ckpt = os.path.join(path, name)
+        if os.path.isfile(os.path.join(ckpt, LEGACY_STATE)) and not os.path.isfile(os.path.join(ckpt, STATE_FILE)):
+            return find_checkpoint(ckpt)  # the same refusal as for the directory itself
         if not os.path.isfile(os.path.join(ckpt, STATE_FILE)):
             raise FileNotFoundError(f"{pointer} points to {ckpt}, which is not a complete checkpoint")
         return ckpt
