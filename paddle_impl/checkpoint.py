@@ -3,37 +3,19 @@
 from __future__ import annotations
 
 import os
-import pickle
 from typing import Any, Dict
 
 import numpy as np
 
-#: the only globals a state dict written by ``paddle.save`` names: numpy's array reconstruction. Anything else
-#: (``os.system``, ``builtins.eval``, a class of some package) is refused before it is looked up, so a file from
-#: someone else cannot run code here; ``paddle.load`` is a plain ``pickle.load`` and would run it.
-_SAFE_GLOBALS = {
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
-}
+from alignment import safe_pickle
+
 #: the key ``paddle.save`` adds to a state dict (structured name -> parameter name); ``paddle.load`` drops it too
 _STRUCTURED_KEY = "StructuredToParameterName@@"
 
 
 class UnsafeStateFile(ValueError):
-    """A state file that names a global outside ``_SAFE_GLOBALS``: refused unread (loading it could run code)."""
-
-
-class _StateUnpickler(pickle.Unpickler):
-    def __init__(self, f, path: str):
-        super().__init__(f)
-        self.path = path
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _SAFE_GLOBALS:
-            raise UnsafeStateFile(f"{self.path}: refused: it names {module}.{name}, which a Paddle state dict never "
-                                  f"holds (unpickling it could run code); only numpy arrays are read")
-        return super().find_class(module, name)
+    """A state file that names anything but numpy arrays (``alignment.safe_pickle``): refused unread. ``paddle.load``
+    is a plain ``pickle.load``, so a file from someone else could run code through it."""
 
 
 def read_state_file(path) -> Dict[str, Any]:
@@ -47,11 +29,11 @@ def read_state_file(path) -> Dict[str, Any]:
         raise OSError(f"{path} is empty (0 bytes): an interrupted copy or download?")
     with open(path, "rb") as f:
         try:
-            obj = _StateUnpickler(f, path).load()
-        except UnsafeStateFile:
-            raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-                KeyError, MemoryError, OverflowError) as e:
+            obj = safe_pickle.load(f)
+        except safe_pickle.Refused as e:
+            raise UnsafeStateFile(f"{path}: refused: it names {e.global_name}, which a Paddle state dict never "
+                                  f"holds (unpickling it could run code); only numpy arrays are read") from None
+        except safe_pickle.CORRUPT as e:
             size = os.path.getsize(path)
             raise OSError(f"{path} ({size} bytes) is truncated or not a Paddle state file "
                           f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None

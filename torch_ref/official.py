@@ -21,7 +21,6 @@ torch file; a `.pth` holding a plain pickle goes through the restricted unpickle
 """
 from __future__ import annotations
 
-import collections
 import hashlib
 import io
 import os
@@ -176,62 +175,15 @@ def _torch_load(p: Path, fmt: str) -> Any:
 # detectron2 .pkl (plain pickles of numpy arrays)
 
 
-class _Refused(pickle.UnpicklingError):
-    def __init__(self, name: str):
-        self.global_name = name
-        super().__init__(name)
-
-
-def _numpy_multiarray(attr: str):
-    def get():
-        try:
-            from numpy._core import multiarray  # numpy >= 2
-        except ImportError:  # pragma: no cover - numpy 1.x
-            from numpy.core import multiarray
-        return getattr(multiarray, attr)
-    return get
-
-
-def _numpy_attr(attr: str):
-    def get():
-        import numpy
-        return getattr(numpy, attr)
-    return get
-
-
-# (module, name) -> resolver. Nothing else is ever imported or called while unpickling a .pkl.
-_PKL_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"): _numpy_multiarray("_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"): _numpy_multiarray("_reconstruct"),
-    ("numpy.core.multiarray", "scalar"): _numpy_multiarray("scalar"),
-    ("numpy._core.multiarray", "scalar"): _numpy_multiarray("scalar"),
-    ("numpy", "ndarray"): _numpy_attr("ndarray"),
-    ("numpy", "dtype"): _numpy_attr("dtype"),
-    ("collections", "OrderedDict"): lambda: collections.OrderedDict,
-}
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that builds numpy arrays and plain containers, and refuses every other global by name."""
-
-    def find_class(self, module, name):  # noqa: D401 - pickle API
-        resolve = _PKL_ALLOWED.get((module, name))
-        if resolve is None:
-            raise _Refused(f"{module}.{name}")
-        return resolve()
-
-    def persistent_load(self, pid):
-        raise _Refused(f"persistent id {str(pid)[:60]!r}")
-
-
 def _pickle_load(p: Path) -> Any:
+    from alignment import safe_pickle
+
     try:
         with open(p, "rb") as f:
-            return _NumpyOnlyUnpickler(io.BufferedReader(f, 1 << 20), encoding="latin1").load()
-    except _Refused as e:
+            return safe_pickle.load(io.BufferedReader(f, 1 << 20), encoding="latin1")
+    except safe_pickle.Refused as e:
         raise _refused(p, e.global_name) from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            UnicodeDecodeError, OverflowError, MemoryError) as e:
+    except safe_pickle.CORRUPT as e:
         detail = _first_line(str(e)) or type(e).__name__
         raise CheckpointError(p, f"{p} is not a readable pickle (truncated or corrupt: {type(e).__name__}: "
                                  f"{detail})") from None
