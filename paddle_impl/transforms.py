@@ -41,6 +41,7 @@ __all__ = [
     "eval_batch", "reseed_worker",
     "ResizeStepScaling", "RandomPaddingCrop", "RandomDistort", "NORMALIZE_PRESETS", "TRANSFORM_ALIASES",
     "WorkerSeeder", "seed_transforms", "RandomResizeLong", "RandomColorJitter", "long_side_size",
+    "ResizeShortestEdge", "RandomCropCategoryArea", "ColorAugSSD",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -788,6 +789,322 @@ class RandomColorJitter(RandomTransform):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# detectron2-style transforms: the training recipe of PointRend's Cityscapes config
+# (pointrend_semantic_R_101_FPN_1x_cityscapes.yaml):
+#
+#     ResizeShortestEdge(short side in {512, 768, ..., 2048}, max_size 4096, "choice")
+#     -> RandomCrop_CategoryAreaConstraint("absolute", (512, 1024), 0.75, ignore 255) -> ColorAugSSD -> RandomFlip
+#
+# Semantics of detectron2 ``data/transforms/augmentation_impl.py`` / ``transform.py`` and
+# ``projects/PointRend/point_rend/color_augmentation.py``; draws come from the transform's own Generator (detectron2
+# uses numpy's / Python's global state, so the streams differ, the distributions do not).
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _need_uint8(name: str, image: np.ndarray) -> None:
+    if image.dtype != np.uint8:
+        raise ValueError(f"{name} works on uint8 images (pixels 0..255, as detectron2 does), got dtype {image.dtype}; "
+                         f"put it before ToFloat32 / Normalize in the pipeline")
+
+
+_PIL_FILTERS = ("nearest", "bilinear", "linear", "bicubic", "cubic", "lanczos", "box", "hamming")
+
+
+def _pil_filter(name: str) -> int:
+    from PIL import Image
+
+    r = getattr(Image, "Resampling", Image)  # Pillow >= 9.1 keeps the constants in Image.Resampling
+    return {"nearest": r.NEAREST, "bilinear": r.BILINEAR, "linear": r.BILINEAR, "bicubic": r.BICUBIC,
+            "cubic": r.BICUBIC, "lanczos": r.LANCZOS, "box": r.BOX, "hamming": r.HAMMING}[name]
+
+
+def _pil_resize_image(image: np.ndarray, h: int, w: int, resample: int) -> np.ndarray:
+    """uint8 HxW[xC] resized with PIL ``Image.resize((w, h), resample)`` (a writable array back)."""
+    from PIL import Image
+
+    one = image.ndim == 3 and image.shape[2] == 1
+    src = np.ascontiguousarray(image[:, :, 0] if one else image)
+    out = np.array(Image.fromarray(src).resize((w, h), resample))
+    return out[:, :, None] if one else out
+
+
+def _pil_resize_label(label: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Integer label resized with PIL NEAREST (detectron2 resizes its uint8 "L" label this way), values and dtype
+    kept: via uint8 ("L") when the values fit, else int32 ("I")."""
+    from PIL import Image
+
+    lo, hi = (int(label.min()), int(label.max())) if label.size else (0, 0)
+    if 0 <= lo and hi <= 255:
+        src = label.astype(np.uint8, copy=False)
+    elif np.iinfo(np.int32).min <= lo and hi <= np.iinfo(np.int32).max:
+        src = label.astype(np.int32, copy=False)
+    else:
+        raise ValueError("label values do not fit in int32")
+    out = np.asarray(Image.fromarray(np.ascontiguousarray(src)).resize((w, h), _pil_filter("nearest")))
+    return out.astype(label.dtype)
+
+
+def _category_counts(crop: np.ndarray, ignore_index: Optional[int]) -> np.ndarray:
+    """Pixel counts of the label values present in ``crop``, the ``ignore_index`` value left out (order
+    irrelevant). ``np.bincount`` for small non-negative labels (fast), ``np.unique`` otherwise."""
+    flat = crop.ravel()
+    if flat.size == 0:
+        return np.zeros(0, np.int64)
+    if np.issubdtype(flat.dtype, np.integer) and flat.min() >= 0 and flat.max() < 65536:
+        counts = np.bincount(flat.astype(np.intp, copy=False))
+        if ignore_index is not None and 0 <= ignore_index < counts.size:
+            counts[ignore_index] = 0
+        return counts[counts > 0]
+    values, counts = np.unique(flat, return_counts=True)
+    return counts if ignore_index is None else counts[values != ignore_index]
+
+
+class ResizeShortestEdge(RandomTransform):
+    """detectron2 ``ResizeShortestEdge``: resize keeping the aspect ratio so that the SHORT side becomes ``size``,
+    unless the long side would then exceed ``max_size``, in which case both sides are scaled down so that the long
+    side is ``max_size``.
+
+    * ``size``: ``sample_style="choice"``: one of the values of ``short_edge_length`` (uniformly); ``"range"``: a
+      uniform integer in ``[short_edge_length[0], short_edge_length[1]]`` (both included). An int
+      ``short_edge_length`` means that single size. ``size == 0`` leaves the sample unchanged (detectron2's no-op).
+    * new size (``output_shape``): ``s = size / min(h, w)``; ``(size, s*w)`` if ``h < w`` else ``(s*h, size)``; if
+      the larger of the two exceeds ``max_size`` both are multiplied by ``max_size / larger``; each side is then
+      rounded half up, ``int(x + 0.5)`` (and kept >= 1). ``max_size=None``: no cap (detectron2's default
+      ``sys.maxsize``).
+    * the image (uint8 only) is resized with PIL ``Image.resize`` using ``interp`` (``"bilinear"``: PIL's filter,
+      whose support widens when shrinking, i.e. antialiased, unlike cv2's linear), the label with PIL NEAREST.
+      A non-uint8 image raises ValueError (place this transform before ``ToFloat32``).
+
+    Defaults are the PointRend Cityscapes recipe (short side 512..2048 step 256, ``max_size`` 4096, "choice");
+    detectron2's class defaults are ``sample_style="range"`` and no cap. One draw per call (``integers``)."""
+
+    def __init__(self, short_edge_length: Union[int, Sequence[int]] = (512, 768, 1024, 1280, 1536, 1792, 2048),
+                 max_size: Optional[int] = 4096, sample_style: str = "choice", interp: str = "bilinear",
+                 rng: RngLike = None):
+        super().__init__(rng)
+        if sample_style not in ("choice", "range"):
+            raise ValueError(f"sample_style must be 'choice' or 'range', got {sample_style!r}")
+        if _is_int(short_edge_length):
+            lengths: Tuple[int, ...] = (int(short_edge_length), int(short_edge_length))
+        else:
+            if isinstance(short_edge_length, (str, bytes)) or not isinstance(short_edge_length, Iterable):
+                raise ValueError(f"short_edge_length must be an int or a list of ints, got {short_edge_length!r}")
+            lengths = tuple(short_edge_length)
+            if not lengths or not all(_is_int(v) for v in lengths):
+                raise ValueError(f"short_edge_length must be an int or a non-empty list of ints, "
+                                 f"got {short_edge_length!r}")
+            lengths = tuple(int(v) for v in lengths)
+        if min(lengths) < 0:
+            raise ValueError(f"short_edge_length values must be >= 0 (0: no resize), got {short_edge_length!r}")
+        if sample_style == "range":
+            if len(lengths) != 2:
+                raise ValueError(f"short_edge_length must be [min, max] (two ints) with sample_style='range', "
+                                 f"got {short_edge_length!r}")
+            if lengths[0] > lengths[1]:
+                raise ValueError(f"short_edge_length [min, max] needs min <= max, got {short_edge_length!r}")
+        if max_size is not None and (not _is_int(max_size) or max_size <= 0):
+            raise ValueError(f"max_size must be a positive int or None (no cap), got {max_size!r}")
+        if not isinstance(interp, str) or interp.lower() not in _PIL_FILTERS:
+            raise ValueError(f"interp must be one of {list(_PIL_FILTERS)} (PIL filters), got {interp!r}")
+        self.short_edge_length = lengths
+        self.max_size = None if max_size is None else int(max_size)
+        self.sample_style = sample_style
+        self.interp = interp.lower()
+
+    def sample_size(self) -> int:
+        """Draw the short side (one ``integers`` draw from ``self.rng``)."""
+        if self.sample_style == "range":
+            lo, hi = self.short_edge_length
+            return int(self.rng.integers(lo, hi + 1))
+        return self.short_edge_length[int(self.rng.integers(0, len(self.short_edge_length)))]
+
+    def output_shape(self, h: int, w: int, size: int) -> Tuple[int, int]:
+        """(new H, new W) for an ``h x w`` input and short side ``size`` (detectron2's arithmetic)."""
+        scale = size * 1.0 / min(h, w)
+        if h < w:
+            newh, neww = float(size), scale * w
+        else:
+            newh, neww = scale * h, float(size)
+        if self.max_size is not None and max(newh, neww) > self.max_size:
+            cap = self.max_size * 1.0 / max(newh, neww)
+            newh, neww = newh * cap, neww * cap
+        return max(1, int(newh + 0.5)), max(1, int(neww + 0.5))
+
+    def __call__(self, image, label):
+        _check_pair(image, label)
+        _need_uint8("ResizeShortestEdge", image)
+        size = self.sample_size()
+        if size == 0:
+            return image, label
+        h, w = label.shape
+        nh, nw = self.output_shape(h, w, size)
+        if (nh, nw) == (h, w):  # PIL returns a copy in this case too
+            return image, label
+        return _pil_resize_image(image, nh, nw, _pil_filter(self.interp)), _pil_resize_label(label, nh, nw)
+
+    def __repr__(self) -> str:
+        return (f"ResizeShortestEdge(short_edge_length={list(self.short_edge_length)}, max_size={self.max_size}, "
+                f"sample_style={self.sample_style!r}, interp={self.interp!r})")
+
+
+class RandomCropCategoryArea(RandomTransform):
+    """detectron2 ``RandomCrop_CategoryAreaConstraint`` with ``crop_type="absolute"``: a random ``crop_size``
+    **(H, W)** window (detectron2's order; PaddleSeg's ``RandomPaddingCrop`` takes (W, H)), the same for image and
+    label. A side larger than the image is clipped to the image (``min(crop, image)``): no padding, so the output can
+    be smaller than ``crop_size``.
+
+    Offsets: ``y0 = integers(0, H - ch + 1)`` then ``x0 = integers(0, W - cw + 1)``. With
+    ``single_category_max_area >= 1`` one such draw is used. Otherwise up to 10 draws: in each window the label
+    values are counted, the ``ignore_index`` value left out (``None``: everything counted); the window is accepted
+    when it holds more than one category and the largest count is ``< single_category_max_area * total``. When none
+    of the 10 is accepted the 10th window is used. Any image dtype (only slicing); returns views of the input.
+    Defaults: the PointRend Cityscapes recipe ((512, 1024), 0.75, 255)."""
+
+    TRIES = 10
+
+    def __init__(self, crop_size: Size = (512, 1024), single_category_max_area: float = 0.75,
+                 ignore_index: Optional[int] = 255, rng: RngLike = None):
+        super().__init__(rng)
+        self.crop_size = parse_size(crop_size, "crop_size")
+        if not _is_number(single_category_max_area) or not float(single_category_max_area) > 0:
+            raise ValueError(f"single_category_max_area must be a number > 0 (>= 1 disables the constraint), "
+                             f"got {single_category_max_area!r}")
+        if ignore_index is not None and not _is_int(ignore_index):
+            raise ValueError(f"ignore_index must be an int or None, got {ignore_index!r}")
+        self.single_category_max_area = float(single_category_max_area)
+        self.ignore_index = None if ignore_index is None else int(ignore_index)
+
+    def accepts(self, crop: np.ndarray) -> bool:
+        """The area rule on one label window."""
+        counts = _category_counts(crop, self.ignore_index)
+        return len(counts) > 1 and counts.max() < counts.sum() * self.single_category_max_area
+
+    def __call__(self, image, label):
+        _check_pair(image, label)
+        h, w = label.shape
+        ch, cw = min(self.crop_size[0], h), min(self.crop_size[1], w)
+        tries = 1 if self.single_category_max_area >= 1.0 else self.TRIES
+        for _ in range(tries):
+            y0 = int(self.rng.integers(0, h - ch + 1))
+            x0 = int(self.rng.integers(0, w - cw + 1))
+            if tries > 1 and self.accepts(label[y0:y0 + ch, x0:x0 + cw]):
+                break
+        return image[y0:y0 + ch, x0:x0 + cw], label[y0:y0 + ch, x0:x0 + cw]
+
+    def __repr__(self) -> str:
+        return (f"RandomCropCategoryArea(crop_size={self.crop_size}, "
+                f"single_category_max_area={self.single_category_max_area}, ignore_index={self.ignore_index})")
+
+
+class ColorAugSSD(RandomTransform):
+    """PointRend's ``ColorAugSSDTransform`` (the SSD photometric distortion) on an HxWx3 uint8 RGB image; the label
+    is untouched. In order:
+
+    1. brightness, p 1/2: ``x + U(-brightness_delta, brightness_delta)``;
+    2. p 1/2 the order contrast, saturation, hue; otherwise saturation, hue, contrast; each of the three p 1/2:
+       contrast ``x * U(contrast_low, contrast_high)``; saturation: HSV (cv2, 8-bit: H 0..179) S channel
+       ``* U(saturation_low, saturation_high)``; hue: H ``(H + k) mod 180`` with ``k`` a uniform integer in
+       ``[-hue_delta, hue_delta]`` (both included).
+
+    Every arithmetic step goes through ``convert``: float32 ``x * alpha + beta``, clipped to [0, 255] and cast to
+    uint8 at once (truncation, as detectron2's ``astype``), so clipping happens after each step. detectron2 feeds
+    BGR and converts BGR<->HSV; our RGB image with RGB<->HSV gives the same HSV values and the same result.
+    A non-uint8 image raises ValueError (place this before ``ToFloat32``).
+
+    Draws from ``self.rng``, in this order (the number varies): brightness coin ``integers(0, 2)`` (1 = apply)
+    [then ``uniform(-delta, delta)``]; order coin (1 = contrast first); then for each of the three ops in the order
+    applied, its coin [then its value: ``uniform(low, high)`` for contrast / saturation, ``integers(-hue_delta,
+    hue_delta + 1)`` for hue]."""
+
+    def __init__(self, brightness_delta: float = 32, contrast_low: float = 0.5, contrast_high: float = 1.5,
+                 saturation_low: float = 0.5, saturation_high: float = 1.5, hue_delta: int = 18,
+                 rng: RngLike = None):
+        super().__init__(rng)
+        if not _is_number(brightness_delta) or not float(brightness_delta) >= 0:
+            raise ValueError(f"brightness_delta must be a number >= 0, got {brightness_delta!r}")
+        for name, lo, hi in (("contrast", contrast_low, contrast_high), ("saturation", saturation_low,
+                                                                         saturation_high)):
+            if not (_is_number(lo) and _is_number(hi)) or not 0 <= float(lo) <= float(hi):
+                raise ValueError(f"{name}_low / {name}_high must be numbers with 0 <= low <= high, "
+                                 f"got {name}_low={lo!r}, {name}_high={hi!r}")
+        if not _is_int(hue_delta) or hue_delta < 0:
+            raise ValueError(f"hue_delta must be an int >= 0 (hue steps of 2 degrees, cv2 8-bit HSV), "
+                             f"got {hue_delta!r}")
+        self.brightness_delta = float(brightness_delta)
+        self.contrast_low, self.contrast_high = float(contrast_low), float(contrast_high)
+        self.saturation_low, self.saturation_high = float(saturation_low), float(saturation_high)
+        self.hue_delta = int(hue_delta)
+
+    # the deterministic sub-operations -----------------------------------------------------------------------------
+
+    @staticmethod
+    def convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+        """``x * alpha + beta`` in float32, clipped to [0, 255], cast (truncated) to uint8."""
+        out = x.astype(np.float32) * np.float32(alpha) + np.float32(beta)
+        return np.clip(out, 0, 255, out=out).astype(np.uint8)
+
+    @staticmethod
+    def scale_saturation(image: np.ndarray, alpha: float) -> np.ndarray:
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+        hsv[:, :, 1] = ColorAugSSD.convert(hsv[:, :, 1], alpha=alpha)
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+    @staticmethod
+    def shift_hue(image: np.ndarray, shift: int) -> np.ndarray:
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+        hsv[:, :, 0] = (hsv[:, :, 0].astype(np.int64) + int(shift)) % 180
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+    # the random steps ---------------------------------------------------------------------------------------------
+
+    def _coin(self) -> bool:
+        return bool(self.rng.integers(0, 2))
+
+    def _brightness(self, x):
+        if self._coin():
+            return self.convert(x, beta=float(self.rng.uniform(-self.brightness_delta, self.brightness_delta)))
+        return x
+
+    def _contrast(self, x):
+        if self._coin():
+            return self.convert(x, alpha=float(self.rng.uniform(self.contrast_low, self.contrast_high)))
+        return x
+
+    def _saturation(self, x):
+        if self._coin():
+            return self.scale_saturation(x, float(self.rng.uniform(self.saturation_low, self.saturation_high)))
+        return x
+
+    def _hue(self, x):
+        if self._coin():
+            return self.shift_hue(x, int(self.rng.integers(-self.hue_delta, self.hue_delta + 1)))
+        return x
+
+    def __call__(self, image, label):
+        _check_pair(image, label)
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"ColorAugSSD needs an HxWx3 RGB image, got shape {image.shape}")
+        _need_uint8("ColorAugSSD", image)
+        x = self._brightness(image)
+        steps = ((self._contrast, self._saturation, self._hue) if self._coin()
+                 else (self._saturation, self._hue, self._contrast))
+        for step in steps:
+            x = step(x)
+        return x, label
+
+    def __repr__(self) -> str:
+        return (f"ColorAugSSD(brightness_delta={self.brightness_delta:g}, contrast_low={self.contrast_low:g}, "
+                f"contrast_high={self.contrast_high:g}, saturation_low={self.saturation_low:g}, "
+                f"saturation_high={self.saturation_high:g}, hue_delta={self.hue_delta})")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # registry / presets
 
 TRANSFORMS: Dict[str, type] = {
@@ -802,6 +1119,11 @@ TRANSFORM_ALIASES: Dict[str, str] = {
     "RandScale": "RandomScale", "RandRotate": "RandomRotate", "ResizeByLong": "ResizeLong",
     "Padding": "PadToSize", "ToTensor": "ToCHW", "HorizontalFlip": "RandomHorizontalFlip",
 }
+
+# detectron2's transforms (PointRend Cityscapes recipe), with detectron2's own class names as aliases
+TRANSFORMS.update({cls.__name__: cls for cls in (ResizeShortestEdge, RandomCropCategoryArea, ColorAugSSD)})
+TRANSFORM_ALIASES.update({"RandomCrop_CategoryAreaConstraint": "RandomCropCategoryArea",
+                          "ColorAugSSDTransform": "ColorAugSSD"})
 
 
 def _transform_class(name) -> type:
