@@ -198,3 +198,166 @@ def take_class(prob, label):
 def sorted_values(x):
     """The values of a 1-D tensor in ascending order."""
     return paddle.sort(x)
+
+
+# ---- detectron2 vocabulary (PointRend / Semantic FPN) -----------------------------------------------------------
+class FrozenBatchNorm2d(nn.Layer):
+    """detectron2's FrozenBatchNorm2d: a per-channel affine map fixed by four persistable BUFFERS (`weight`, `bias`,
+    `running_mean`, `running_var`, torch's names: no `_mean`/`_variance` here; no parameters, no step counter),
+    initialised to the identity (running_var = 1 - eps).
+
+    forward: scale = weight * rsqrt(running_var + eps);  shift = bias - running_mean * scale;  y = x * scale + shift
+    ALWAYS. detectron2 (and the torch twin) use this formula when the input requires grad and the fused eval-mode
+    batch_norm otherwise; the two are the same map up to rounding, and Paddle's fused CPU batch_norm is the less
+    precise one: ~5e-12 relative error in float64 (measured against numpy; the formula: ~1e-16), which grows to
+    ~1e-9 relative on the logits of R-101 and would mask real differences in the float64 alignment.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", paddle.ones([num_features], dtype="float32"), persistable=True)
+        self.register_buffer("bias", paddle.zeros([num_features], dtype="float32"), persistable=True)
+        self.register_buffer("running_mean", paddle.zeros([num_features], dtype="float32"), persistable=True)
+        self.register_buffer("running_var", paddle.ones([num_features], dtype="float32") - eps, persistable=True)
+
+    def forward(self, x):
+        """x: (N, C, H, W) -> (N, C, H, W)."""
+        scale = self.weight * paddle.rsqrt(self.running_var + self.eps)
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape([1, -1, 1, 1]).astype(x.dtype) + shift.reshape([1, -1, 1, 1]).astype(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps} (frozen: buffers only)"
+
+
+def GroupNorm(num_groups: int, num_channels: int, eps: float = 1e-5) -> nn.GroupNorm:
+    """GroupNorm with affine `weight` / `bias` (ones / zeros)."""
+    return nn.GroupNorm(num_groups, num_channels, epsilon=eps)
+
+
+class NormConv2d(nn.Conv2D):
+    """detectron2's `layers.Conv2d`: a conv whose own keys are `weight` (+ `bias`), with an optional child `norm` and
+    an optional activation function, applied in that order: activation(norm(conv(x)))."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 bias: bool = True, norm=None, activation=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         bias_attr=None if bias else False)
+        self.norm = norm
+        self.activation = activation
+
+    def forward(self, x):
+        x = super().forward(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+
+def Conv1d(in_channels: int, out_channels: int, kernel_size: int = 1, bias: bool = True) -> nn.Conv1D:
+    """1-D convolution, weight (out, in, k) in both frameworks."""
+    return nn.Conv1D(in_channels, out_channels, kernel_size, bias_attr=None if bias else False)
+
+
+def Upsample(scale_factor: int, mode: str) -> nn.Upsample:
+    """Parameterless resize module by an integer factor: 'bilinear' (align_corners=False: align_mode 0, half-pixel)
+    or 'nearest'."""
+    return nn.Upsample(scale_factor=scale_factor, mode=mode, align_corners=False, align_mode=0)
+
+
+def scale_interpolate(x, scale_factor: int, mode: str):
+    """NCHW resize by an integer factor: 'bilinear' (align_corners=False, half-pixel) or 'nearest' (floor)."""
+    return F.interpolate(x, scale_factor=scale_factor, mode=mode, align_corners=False, align_mode=0)
+
+
+def relu(x):
+    return F.relu(x)
+
+
+def max_pool2d(x, kernel_size: int, stride: int, padding: int = 0):
+    return F.max_pool2d(x, kernel_size, stride, padding)
+
+
+def point_sample(input, coords, align_corners: bool = False, mode: str = "bilinear"):
+    """detectron2's point_sample for (N, P, 2) coords in [0, 1]^2 (x, y): grid_sample of input (N, C, H, W) at
+    2 * coords - 1 with zero padding -> (N, C, P). align_corners is passed explicitly: Paddle's default is True."""
+    grid = (2.0 * coords - 1.0).unsqueeze(2)
+    return F.grid_sample(input, grid, mode=mode, padding_mode="zeros", align_corners=align_corners).squeeze(3)
+
+
+def topk(x, k: int, dim: int):
+    """(values, int64 indices) of the k largest entries along `dim`, largest first."""
+    values, indices = paddle.topk(x, k, axis=dim)
+    return values, indices
+
+
+def take_along(x, index, dim: int):
+    """x gathered along `dim` at an int64 `index` of the same rank (index broadcast over the other dims)."""
+    return paddle.take_along_axis(x, index, axis=dim)
+
+
+def scatter(x, dim: int, index, src):
+    """A copy of x with x[..., index[..., j], ...] = src[..., j, ...] along `dim` (index and src of the same shape)."""
+    return paddle.put_along_axis(x, index, src, axis=dim)
+
+
+def expand(x, shape):
+    """x broadcast to `shape` (-1 keeps a dimension), no copy."""
+    return paddle.expand(x, list(shape))
+
+
+def stack(tensors, dim: int):
+    return paddle.stack(list(tensors), axis=dim)
+
+
+def rand(shape, like):
+    """Uniform [0, 1) samples of `shape` with the dtype of `like`, from the framework's generator."""
+    return paddle.rand(list(shape), dtype=like.dtype)
+
+
+def as_int64(x):
+    return x.astype("int64")
+
+
+def from_numpy(a):
+    """A framework tensor holding a copy of the numpy array `a`."""
+    return paddle.to_tensor(a.copy())
+
+
+def _fans(weight) -> tuple:
+    """(fan_in, fan_out) of a conv weight (out, in, *kernel), as torch.nn.init computes them."""
+    receptive = 1
+    for d in weight.shape[2:]:
+        receptive *= int(d)
+    return int(weight.shape[1]) * receptive, int(weight.shape[0]) * receptive
+
+
+def init_c2_msra_(module) -> None:
+    """fvcore's c2_msra_fill of a conv's OWN weight/bias: kaiming-normal (fan_out, relu) weight, zero bias."""
+    _, fan_out = _fans(module.weight)
+    std = (2.0 / fan_out) ** 0.5
+    module.weight.set_value(paddle.normal(0.0, std, module.weight.shape).astype(module.weight.dtype))
+    if module.bias is not None:
+        module.bias.set_value(paddle.zeros_like(module.bias))
+
+
+def init_c2_xavier_(module) -> None:
+    """fvcore's c2_xavier_fill of a conv's OWN weight/bias: kaiming-uniform (a=1, i.e. bound sqrt(3 / fan_in))
+    weight, zero bias."""
+    fan_in, _ = _fans(module.weight)
+    bound = (3.0 / fan_in) ** 0.5
+    module.weight.set_value(paddle.uniform(module.weight.shape, dtype=module.weight.dtype, min=-bound, max=bound))
+    if module.bias is not None:
+        module.bias.set_value(paddle.zeros_like(module.bias))
+
+
+def init_normal_(param, std: float) -> None:
+    """param <- N(0, std^2)."""
+    param.set_value(paddle.normal(0.0, std, param.shape).astype(param.dtype))
+
+
+def init_constant_(param, value: float) -> None:
+    param.set_value(paddle.full_like(param, value))
