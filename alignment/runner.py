@@ -69,23 +69,59 @@ def _check_size(model, size) -> None:
             raise AlignmentSetupError(f"--input-size {','.join(map(str, size))}: {e}") from None
 
 
-def _calibrate_bn(model, x) -> None:
-    """Give random weights realistic BN running statistics: one train-mode pass with cumulative averaging."""
+def _calibrate_bn(model, x, seed: int = 0) -> None:
+    """Give random weights realistic BN running statistics: one train-mode pass with cumulative averaging.
+
+    Frozen BN layers (detectron2's FrozenBatchNorm2d: fixed buffers, identity at initialisation) get their
+    affine terms drawn (weight U(0.5, 1.5), bias U(-0.2, 0.2): with 1 and 0 a swapped weight/bias would not show)
+    and their running statistics set, in the same pass, to the per-channel mean and biased variance of their own
+    input, as a trained trunk would hold; without it 100 layers of random convolutions reach 1e5 and beyond."""
     import torch
 
-    saved = {}
+    from torch_ref.layers import FrozenBatchNorm2d
+
+    saved, hooks = {}, []
+    gen = torch.Generator().manual_seed(seed + 3)
+
+    def set_frozen_stats(m, inputs):
+        v = inputs[0].detach()
+        m.running_mean.copy_(v.mean((0, 2, 3)))
+        m.running_var.copy_(v.var((0, 2, 3), unbiased=False))
+
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             saved[m] = m.momentum
             m.momentum = None
             m.reset_running_stats()
+        elif isinstance(m, FrozenBatchNorm2d):
+            c = m.num_features
+            m.weight.copy_(0.5 + torch.rand(c, generator=gen, dtype=torch.float64).to(m.weight.dtype))
+            m.bias.copy_(0.4 * torch.rand(c, generator=gen, dtype=torch.float64).to(m.bias.dtype) - 0.2)
+            hooks.append(m.register_forward_pre_hook(set_frozen_stats))
     model.train()
-    with torch.no_grad():
-        model(x)
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
     for m, mom in saved.items():
         m.momentum = mom
         m.num_batches_tracked.zero_()
     model.eval()
+
+
+def _calibration_side(model, side: int) -> int:
+    """The largest side <= min(side, CALIBRATION_MAX_SIDE) that the model's input rule accepts (square)."""
+    check = getattr(type(model), "check_input", None)
+    for s in range(min(side, CALIBRATION_MAX_SIDE), 0, -1):
+        try:
+            if check is not None:
+                check(s, s)
+            return s
+        except ValueError:
+            continue
+    return side
 
 
 def _wake_zero_init(model, names, seed: int) -> list:
@@ -215,7 +251,7 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
     import paddle_impl
     import torch_ref
     import weights_convert
-    from torch_ref.official import save_official, sha256_file
+    from torch_ref.official import PICKLE_FORMATS, save_official, sha256_file
 
     from .specs import SPECS, ConfigInferenceError, model_names
 
@@ -263,10 +299,11 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
         # running variance from 2 values per channel, and eval-mode BN dividing by that near-zero std amplifies
         # rounding ~1e8-fold (measured in the float64 trace at 2x3x33x33), which no trained checkpoint does.
         # Large inputs are calibrated at a capped size (BN statistics are per channel; this keeps 16 images cheap).
-        ch, cw = min(size[2], CALIBRATION_MAX_SIDE), min(size[3], CALIBRATION_MAX_SIDE)
+        ch, cw = _calibration_side(model, size[2]), _calibration_side(model, size[3])
         calib, _, _ = _synthetic_batch((max(CALIBRATION_BATCH, size[0]), size[1], ch, cw), nc, seed + 1)
-        _calibrate_bn(model, torch.from_numpy(calib))
-        src = save_official(name, model, wdir / f"{name}_random_official.pth")
+        _calibrate_bn(model, torch.from_numpy(calib), seed)
+        ext = ".pkl" if spec.official_format in PICKLE_FORMATS else ".pth"
+        src = save_official(name, model, wdir / f"{name}_random_official{ext}")
         del model
     else:
         src = Path(weights)

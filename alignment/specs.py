@@ -60,6 +60,8 @@ class ModelSpec:
         twin keeps torch_ref's attribute names, as the twin rule asks).
     backbone_prefixes: where the ResNet of the model lives, tried in order to read the depth of a partial checkpoint.
     recipe: the config of the official training recipe (`paddle_impl/configs/...`).
+    point_sampling: the training forward samples points at random and selects them by a top-k (PointRend): the
+        alignment feeds both twins the same uniform numbers and the torch side's selection (steps/common.py).
     """
     name: str
     title: str
@@ -82,6 +84,7 @@ class ModelSpec:
     key_renames: Tuple[Tuple[str, str], ...] = ()
     backbone_prefixes: Tuple[str, ...] = ("",)
     recipe: Optional[str] = None
+    point_sampling: bool = False
 
     # ------------------------------------------------------------------------------------------------ twins
     def module(self, framework: str):
@@ -238,6 +241,26 @@ SPECS: Dict[str, ModelSpec] = {
                        "model"),),
         backbone_prefixes=("pretrained.", ""),
         recipe="paddle_impl/configs/danet_r101_cityscapes.yml",
+    ),
+    "pointrend": ModelSpec(
+        name="pointrend", title="SemanticFPN+PointRend-R101",
+        upstream="facebookresearch/detectron2 projects/PointRend point_rend/semantic_seg.py",
+        torch_module="torch_ref.models.pointrend", paddle_module="paddle_impl.models.pointrend",
+        official_format="detectron2-zoo",  # model_final_cf6ac1.pkl: {'model': {name: ndarray}, '__author__'}
+        loss_terms=(("coarse", 1.0), ("point", 1.0)),  # loss_sem_seg (coarse x4) + loss_sem_seg_point, each weight 1
+        head_prefixes=("sem_seg_head.",), head_lr_mult=1.0,  # detectron2: one lr for every parameter
+        input_rule="H and W multiples of 32 (detectron2 pads to the FPN's size divisibility)",
+        align_input=(2, 3, 64, 128),  # 32x64 then 64x128 cells: every cell refined at both subdivision steps
+        partial_aliases={"backbone": ("backbone.bottom_up.",)}, source_flavours=("caffe2-msra-resnet",),
+        # detectron2 from 2020-04 to 2021-02 saved its normalisation constants as persistent buffers
+        ignored_keys=((r"pixel_(mean|std)", "drop: detectron2's input normalisation constants (persistent buffers "
+                                            "in 2020 versions); segtwin normalises in the data pipeline"),),
+        # FrozenBatchNorm2d keeps running_mean / running_var as buffers of those names on BOTH sides (it is not a
+        # Paddle BatchNorm): undo the generic BatchNorm rename of the converter
+        key_renames=((r"(.+\.norm)\._mean", r"\1.running_mean"), (r"(.+\.norm)\._variance", r"\1.running_var")),
+        backbone_prefixes=("backbone.bottom_up.",),
+        recipe="paddle_impl/configs/pointrend_r101_cityscapes_detectron2.yml",
+        point_sampling=True,
     ),
 }
 

@@ -119,7 +119,7 @@ def run_trace(ctx: Context) -> Tuple[Trace, Trace]:
     import torch
 
 
-    from .steps.common import as_tuple
+    from .steps.common import train_outputs
 
     tm, pm = ctx.models(ctx.train_dtype)
     xt, yt = ctx.torch_inputs(ctx.train_dtype)
@@ -144,8 +144,9 @@ def run_trace(ctx: Context) -> Tuple[Trace, Trace]:
     pm.train()
     rt, rp = _Recorder(tm, "torch", True), _Recorder(pm, "paddle", True)
     try:
-        ctx.recipe.torch_loss()(as_tuple(tm(xt)), yt)["loss"].backward()
-        ctx.recipe.paddle_loss()(as_tuple(pm(xp)), yp)["loss"].backward()
+        out_t, out_p = train_outputs(ctx, tm, pm, xt, xp)
+        ctx.recipe.torch_loss()(out_t, yt)["loss"].backward()
+        ctx.recipe.paddle_loss()(out_p, yp)["loss"].backward()
     finally:
         rt.remove()
         rp.remove()

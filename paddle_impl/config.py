@@ -328,8 +328,8 @@ class Config:
     def build_model(self):
         """``paddle_impl.build_model(model.type, num_classes=..., <other model keys>)``; ``model.pretrained`` (a
         full-model .pdparams) is loaded strictly when set; ``model.backbone_pretrained`` (e.g. ImageNet weights
-        converted with ``segtwin convert --partial backbone``) must hold every non-head key of the model (heads:
-        the spec's ``head_prefixes``) with the right shape and nothing else."""
+        converted with ``segtwin convert --partial backbone``) must hold every key under the spec's backbone prefixes
+        (``partial_aliases['backbone']``: the trunk) with the right shape and nothing else."""
         import paddle_impl
         from .checkpoint import read_state_file, strict_load
         cfg = {k: v for k, v in self.raw["model"].items()
@@ -347,7 +347,11 @@ class Config:
         if backbone:
             if not os.path.isfile(backbone):
                 raise FileNotFoundError(f"{self.file}: model.backbone_pretrained {backbone} does not exist")
-            load_backbone(model, read_state_file(backbone), source=backbone, head_prefixes=self.spec.head_prefixes)
+            trunk = self.spec.partial_aliases.get("backbone")
+            if not trunk:
+                raise ConfigError(f"{self.file}: model.backbone_pretrained: model {self.model_type!r} names no "
+                                  f"backbone (its spec has no partial_aliases['backbone'])")
+            load_backbone(model, read_state_file(backbone), source=backbone, backbone_prefixes=trunk)
         return model
 
     def _dataset_class(self, section: str):
@@ -425,12 +429,13 @@ class Config:
         return losses.build_loss(self.model_type, self.raw.get("loss"), self.ignore_index)
 
 
-def load_backbone(model, state_dict, source: str = "<state_dict>", head_prefixes=()) -> None:
-    """Load every non-head parameter/buffer of ``model`` from ``state_dict`` (strict on those keys: none missing,
-    none unexpected, same shapes); the heads (``head_prefixes``, the spec's) keep their initialisation."""
+def load_backbone(model, state_dict, source: str = "<state_dict>", backbone_prefixes=()) -> None:
+    """Load every parameter/buffer of ``model`` under ``backbone_prefixes`` (the spec's ``--partial backbone``
+    prefixes: the ImageNet-initialised trunk) from ``state_dict``, strictly on those keys (none missing, none
+    unexpected, same shapes); everything else (heads, PointRend's FPN) keeps its initialisation."""
     from .checkpoint import check_keys
-    heads = tuple(head_prefixes)
-    check_keys({k: v for k, v in model.state_dict().items() if not k.startswith(heads)}, state_dict, source)
+    trunk = tuple(backbone_prefixes)
+    check_keys({k: v for k, v in model.state_dict().items() if k.startswith(trunk)}, state_dict, source)
     full = dict(model.state_dict())  # the heads load their own values: no "skip loading" warnings
     full.update(state_dict)
     model.set_state_dict(full)

@@ -17,6 +17,9 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+#: the framework of this tree (a model spec's `module("paddle")`)
+FRAMEWORK = "paddle"
+
 Module = nn.Layer
 Sequential = nn.Sequential
 ModuleList = nn.LayerList

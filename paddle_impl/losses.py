@@ -95,27 +95,35 @@ LOSSES = {"CrossEntropyLoss": CrossEntropyLoss, "OhemCrossEntropyLoss": OhemCros
 class MultiLoss(L.Module):
     """One loss per model output: `forward(outputs, label) -> {term: value, ..., "loss": sum of coef * term}`.
 
-    `relabel` (old, new): the target with `old` replaced by `new` is given to the terms in `relabelled`."""
+    `relabel` (old, new): the target with `old` replaced by `new` is given to the terms in `relabelled`.
+    `pairs(outputs, label) -> [(logits, target), ...]`: the model's own pairing of its training outputs with targets
+    (its module's `loss_pairs`, e.g. PointRend's point logits against the label sampled at the points); default:
+    every output against the label."""
 
-    def __init__(self, losses, coefs, names, relabel=None, relabelled=()):
+    def __init__(self, losses, coefs, names, relabel=None, relabelled=(), pairs=None):
         super().__init__()
         self.losses = L.ModuleList(list(losses))
         self.coefs = [float(c) for c in coefs]
         self.names = list(names)
         self.relabel = relabel
         self.relabelled = set(relabelled)
+        self.pairs = pairs
 
     def forward(self, outputs, label) -> dict:
         if not isinstance(outputs, (tuple, list)):
             outputs = (outputs,)
-        if len(outputs) != len(self.names):
+        own = None if self.relabel is None else L.relabel(label, *self.relabel)
+        if self.pairs is not None:
+            pairs = self.pairs(outputs, label)
+        else:
+            pairs = [(out, own if name in self.relabelled else label) for name, out in zip(self.names, outputs)]
+        if len(pairs) != len(self.names) or (self.pairs is None and len(outputs) != len(self.names)):
             raise ValueError(f"the model returned {len(outputs)} outputs, its loss expects {len(self.names)} "
                              f"({', '.join(self.names)})")
-        own = None if self.relabel is None else L.relabel(label, *self.relabel)
         result = {}
         total = 0.0
-        for name, fn, coef, out in zip(self.names, self.losses, self.coefs, outputs):
-            result[name] = fn(out, own if name in self.relabelled else label)
+        for name, fn, coef, (logits, target) in zip(self.names, self.losses, self.coefs, pairs):
+            result[name] = fn(logits, target)
             total = total + coef * result[name]
         result["loss"] = total
         return result
@@ -136,7 +144,8 @@ def build_loss(name: str, section=None, ignore_index: int = 255) -> MultiLoss:
                 relabelled.append(t["name"])
         losses.append(LOSSES[t["type"]](**kwargs))
     relabel = None if own is None else (ignore_index, own)
-    return MultiLoss(losses, [t["coef"] for t in terms], [t["name"] for t in terms], relabel, relabelled)
+    pairs = getattr(spec.module(L.FRAMEWORK), "loss_pairs", None)
+    return MultiLoss(losses, [t["coef"] for t in terms], [t["name"] for t in terms], relabel, relabelled, pairs)
 
 
 def compute_loss(name: str, outputs, target, ignore_index: int = 255) -> dict:

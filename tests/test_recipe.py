@@ -373,7 +373,7 @@ def test_every_shipped_config_is_aligned_somewhere():
     """The official recipes run in the models' own alignment tests (tests/test_alignment.py, test_psanet.py,
     test_danet.py: `segtwin align MODEL` uses the spec's recipe config); the others below."""
     assert OFFICIAL == {"pspnet_r50_cityscapes.yml", "psanet_r50_cityscapes_1024x512_80k.yml",
-                        "danet_r101_cityscapes.yml"}
+                        "danet_r101_cityscapes.yml", "pointrend_r101_cityscapes_detectron2.yml"}
     assert OFFICIAL < {p.name for p in CONFIGS.glob("*.yml")}
 
 
@@ -381,11 +381,12 @@ def test_every_shipped_config_is_aligned_somewhere():
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yml") if p.name not in OFFICIAL))
 def test_every_shipped_config_aligns(config, tmp_path):
     """loss, schedule (every iteration of the config) and 2 backward iterations of the config's recipe, the twins
-    built from its model keys, at a CI-sized input (batch 2 x 33 x 33)."""
+    built from its model keys, at a CI-sized input (batch 2 x 33 x 33; PointRend: 2 x 64 x 128, its input rule)."""
     cfg = load_config(CONFIGS / config)
-    opts = ["model.layers=50"] if cfg.model_type == "danet" else []
+    opts = ["model.layers=50"] if cfg.model_type in ("danet", "pointrend") else []
+    size = "2,3,64,128" if cfg.model_type == "pointrend" else "2,3,33,33"
     v = alignment.run(cfg.model_type, out=str(tmp_path), config=str(CONFIGS / config), opts=opts,
-                      input_size="2,3,33,33", iters=2, steps=("loss", "schedule", "backward"), threads=2,
+                      input_size=size, iters=2, steps=("loss", "schedule", "backward"), threads=2,
                       progress=False, trace=False)
     assert v["passed"], {s: (r["passed"], r.get("error"), r["worst"]) for s, r in v["steps"].items()}
     assert v["provenance"]["recipe"]["config"].endswith(config)

@@ -10,6 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+#: the framework of this tree (a model spec's `module("torch")`)
+FRAMEWORK = "torch"
+
 Module = nn.Module
 Sequential = nn.Sequential
 ModuleList = nn.ModuleList

@@ -38,7 +38,7 @@ __all__ = ["CheckpointError", "read_checkpoint", "sha256_file", "sniff_format", 
 # The magic number torch's legacy (pre-1.6, non-zip) serialisation pickles first, after protocol 2's header.
 _TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
-_CONTAINER_KEYS = ("state_dict", "model")
+_CONTAINER_KEYS = ("state_dict", "model", "blobs")  # blobs: Caffe2 / Detectron1 model-zoo .pkl
 _PREFIX = "module."
 
 
@@ -305,27 +305,54 @@ def _plain_state(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _detectron2_state(model) -> dict:
+    """detectron2's DetectionCheckpointer `.pth` (`model_final.pth` of a training run): {'model': state dict (torch
+    tensors), 'iteration'} (a real one also holds 'optimizer' and 'scheduler', which a conversion ignores)."""
+    return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()}, "iteration": 0}
+
+
+def _detectron2_zoo_state(model) -> dict:
+    """detectron2's model-zoo `.pkl` (`model_final_cf6ac1.pkl`): a plain pickle of {'model': {name: numpy array},
+    '__author__': ...} -- no torch objects at all (written with `pickle`, see `PICKLE_FORMATS`)."""
+    return {"model": {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()},
+            "__author__": "Detectron2 Model Zoo"}
+
+
 #: official_format name -> function(model) -> the object the upstream script saves
-FORMATS = {"semseg": _semseg_state, "encoding": _encoding_state, "plain": _plain_state}
+FORMATS = {"semseg": _semseg_state, "encoding": _encoding_state, "plain": _plain_state,
+           "detectron2": _detectron2_state, "detectron2-zoo": _detectron2_zoo_state}
+#: formats saved with `pickle.dump` (numpy arrays only) rather than `torch.save`
+PICKLE_FORMATS = ("detectron2-zoo",)
 
 
-def official_state(name: str, model) -> dict:
-    """The object model `name`'s upstream training script saves (its spec's `official_format`)."""
+def _official_format(name: str) -> str:
     from alignment.specs import get_spec
+    return get_spec(name).official_format
 
-    fmt = get_spec(name).official_format
+
+def official_state(name: str, model, fmt: str | None = None) -> dict:
+    """The object model `name`'s upstream training script saves (its spec's `official_format`, or `fmt`)."""
+    fmt = fmt or _official_format(name)
     if fmt not in FORMATS:
         raise KeyError(f"{name}: no writer for the official checkpoint format {fmt!r}; known: {', '.join(FORMATS)}")
     return FORMATS[fmt](model)
 
 
-def save_official(name: str, model, path) -> Path:
-    """Write `model`'s weights as model `name`'s official checkpoint file (atomically); returns the path."""
+def save_official(name: str, model, path, fmt: str | None = None) -> Path:
+    """Write `model`'s weights as model `name`'s official checkpoint file (atomically); returns the path. `fmt`: one
+    of `FORMATS` instead of the spec's `official_format` (e.g. PointRend's `.pth` next to its model-zoo `.pkl`)."""
+    import pickle
+
     import torch
 
     from alignment.utils import atomic_path
 
     path = Path(path)
+    obj = official_state(name, model, fmt)
     with atomic_path(path) as tmp:
-        torch.save(official_state(name, model), tmp)
+        if (fmt or _official_format(name)) in PICKLE_FORMATS:
+            with open(tmp, "wb") as f:
+                pickle.dump(obj, f, protocol=4)
+        else:
+            torch.save(obj, tmp)
     return path

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: unexpected {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
         return 1
     counts = rep.summary
-    order = ["copy", "rename", "transpose", "drop", "keep-init"]
+    order = ["copy", "rename", "transpose", "fill", "drop", "keep-init"]
     parts = [f"{a} {counts[a]}" for a in order if counts.get(a)]
     mem = rep.memory.get("peak_delta_over_checkpoint")
     print(f"{rep.model}: {sum(counts.values())} keys ({', '.join(parts)}), cfg {rep.cfg}"

@@ -317,19 +317,24 @@ def convert(name: str, src, dst, partial: Sequence[str] = (), report=None, cfg: 
             rep.to_json(report)
         raise ConversionError(msg, rep)
 
-    writes = [r for r in rows if r.action in ("copy", "rename", "transpose")]
+    writes = [r for r in rows if r.action in ("copy", "rename", "transpose", "fill")]
     bar = _progress(progress, len(writes), f"convert {name}")
     releaser = SourcePageReleaser(src, state_dict)
     source_of = {r.target: r.source for r in writes}
 
     def maker(row: KeyAction):
         def make():
+            if row.action == "fill":  # a value the official loader sets for a key such files never hold
+                import numpy as np
+                return np.full(row.target_shape, flavour.fill(row.target)[0],
+                               dtype=target_dtypes.get(row.target) or "float32")
             tensor = state_dict.pop(row.source)  # dropped as soon as its array is serialised
             return materialize(row, tensor, target_dtypes.get(row.target))
         return make
 
     def written(target: str) -> None:
-        releaser.release(source_of[target])  # give back the source's pages (memory-mapped checkpoints)
+        if source_of[target] is not None:
+            releaser.release(source_of[target])  # give back the source's pages (memory-mapped checkpoints)
         if bar is not None:
             bar.update(1)
 

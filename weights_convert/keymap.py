@@ -15,7 +15,7 @@ Transposition is NOT a key-map rule: only the `weight` of an `nn.Linear` (or sub
 never by the tensor's shape -- a square Linear is transposed, a 2-D `nn.Embedding` weight is not.
 
 `plan_conversion` turns all of this into one `KeyAction` per key (source keys first, in file order, then the twin
-keys nothing filled). Actions: copy, rename, transpose, drop, keep-init (fine); unused, missing, mis-shaped,
+keys nothing filled). Actions: copy, rename, transpose, drop, keep-init, fill (fine); unused, missing, mis-shaped,
 duplicate (errors).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ __all__ = [
     "torch_to_paddle_key", "get_keymap", "keymap_from_spec", "linear_weight_keys", "plan_conversion", "materialize",
 ]
 
-OK_ACTIONS = ("copy", "rename", "transpose", "drop", "keep-init")
+OK_ACTIONS = ("copy", "rename", "transpose", "drop", "keep-init", "fill")
 ERROR_ACTIONS = ("unused", "missing", "mis-shaped", "duplicate")
 
 BN_RENAMES = {"running_mean": "_mean", "running_var": "_variance"}
@@ -93,12 +93,15 @@ class SourceFlavour:
 
     detect(keys) -> bool says whether a checkpoint is of this flavour; map_key(key) -> (torch_ref key, reason) moves a
     key onto torch_ref's names, or returns (None, reason) for a key to drop (dropped only with --partial).
+    fill(twin key) -> (value, reason) or None: a twin key such files never hold but whose value the official loader
+    sets (action "fill": a constant tensor of the twin's shape, reported with the reason).
     """
     name: str
     description: str
     detect: Callable[[Sequence[str]], bool]
     map_key: Callable[[str], tuple]
     requires_partial: bool = True
+    fill: Optional[Callable[[str], Optional[tuple]]] = None
 
 
 @dataclass(frozen=True)
@@ -174,13 +177,17 @@ SEMSEG_IMAGENET_RESNET = SourceFlavour(
 
 
 def _resnet_depth_from_keys(shapes: Mapping[str, tuple], prefix: str = "") -> dict:
-    """{'layers': depth} from the number of blocks in layer3 (the only stage whose length tells 50/101/152)."""
+    """{'layers': depth} from the number of blocks in layer3 (semseg / torchvision layout) or res4 (detectron2's),
+    the only stage whose length tells 50/101/152."""
+    from torch_ref.backbones.d2_resnet import depth_from_res4
     from torch_ref.backbones.resnet import depth_from_keys
 
-    try:
-        return {"layers": depth_from_keys("backbone", shapes, prefix)}
-    except ValueError:
-        return {}
+    for read in (lambda: depth_from_keys("backbone", shapes, prefix), lambda: depth_from_res4(shapes, prefix)):
+        try:
+            return {"layers": read()}
+        except ValueError:
+            continue
+    return {}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -210,8 +217,67 @@ TORCHVISION_IMAGENET_RESNET = SourceFlavour(
     map_key=_torchvision_resnet_map,
 )
 
+# --------------------------------------------------------------------------------------------------------------------
+# pointrend: detectron2's ImageNet init, MSRA R-50/R-101 in Caffe2 blob names (R-101.pkl)
+
+_D2_TRUNK = "backbone.bottom_up."
+_C2_CONV = {"1": "shortcut", "2a": "conv1", "2b": "conv2", "2c": "conv3"}
+_C2_NORM = {"s": "weight", "b": "bias", "rm": "running_mean", "riv": "running_var"}
+#: (pattern, target builder, reason): every Caffe2 blob name the map knows, and nothing else
+_C2_RULES = (
+    (re.compile(r"conv1_w"), lambda m: "stem.conv1.weight", "Caffe2 stem conv1_w -> stem.conv1.weight"),
+    (re.compile(r"res_conv1_bn_(s|b|rm|riv)"), lambda m: f"stem.conv1.norm.{_C2_NORM[m.group(1)]}",
+     "Caffe2 stem BN res_conv1_bn_* -> stem.conv1.norm.*"),
+    (re.compile(r"res(\d)_(\d+)_branch(1|2a|2b|2c)_w"),
+     lambda m: f"res{m.group(1)}.{m.group(2)}.{_C2_CONV[m.group(3)]}.weight",
+     "Caffe2 resN_B_branchX_w -> resN.B.{shortcut,conv1,conv2,conv3}.weight (branch1, 2a, 2b, 2c)"),
+    (re.compile(r"res(\d)_(\d+)_branch(1|2a|2b|2c)_bn_(s|b|rm|riv)"),
+     lambda m: f"res{m.group(1)}.{m.group(2)}.{_C2_CONV[m.group(3)]}.norm.{_C2_NORM[m.group(4)]}",
+     "Caffe2 BN _bn_s/_bn_b/_bn_rm/_bn_riv -> .norm.weight/bias/running_mean/running_var"),
+)
+
+
+def _caffe2_resnet_detect(keys: Sequence[str]) -> bool:
+    ks = set(keys)
+    return "conv1_w" in ks or "res2_0_branch2a_w" in ks
+
+
+def _caffe2_resnet_map(key: str) -> tuple:
+    if key.startswith("fc1000_"):
+        return None, _IMAGENET_FC
+    if key.endswith("_momentum"):
+        return None, "drop: Caffe2 optimizer momentum blob (detectron2 drops it too)"
+    for pattern, target, why in _C2_RULES:
+        m = pattern.fullmatch(key)
+        if m:
+            return _D2_TRUNK + target(m), why
+    return key, ""  # unknown: reported as unused by the plan
+
+
+_FROZEN_STAT = re.compile(re.escape(_D2_TRUNK) + r"(?:stem|res\d\.\d+)\.\w+\.norm\.running_(mean|var)")
+
+
+def _caffe2_resnet_fill(twin_key: str) -> Optional[tuple]:
+    m = _FROZEN_STAT.fullmatch(twin_key)
+    if not m:
+        return None
+    value = 0.0 if m.group(1) == "mean" else 1.0
+    return value, ("the Caffe2 file folds BN into its affine _bn_s/_bn_b and holds no running statistics; "
+                   "detectron2's FrozenBatchNorm2d loads such files with running_mean 0 and running_var 1")
+
+
+CAFFE2_IMAGENET_RESNET = SourceFlavour(
+    name="caffe2-msra-resnet",
+    description="detectron2's ImageNet init R-50.pkl / R-101.pkl (MSRA, Caffe2 blob names conv1_w, res_conv1_bn_s, "
+                "resN_B_branch{1,2a,2b,2c}_{w,bn_s,bn_b}): mapped onto backbone.bottom_up.*, fc1000 dropped, "
+                "FrozenBN running statistics filled (mean 0, var 1)",
+    detect=_caffe2_resnet_detect,
+    map_key=_caffe2_resnet_map,
+    fill=_caffe2_resnet_fill,
+)
+
 #: flavour name (a spec's `source_flavours`) -> SourceFlavour
-FLAVOURS = {f.name: f for f in (SEMSEG_IMAGENET_RESNET, TORCHVISION_IMAGENET_RESNET)}
+FLAVOURS = {f.name: f for f in (SEMSEG_IMAGENET_RESNET, TORCHVISION_IMAGENET_RESNET, CAFFE2_IMAGENET_RESNET)}
 
 
 def keymap_from_spec(spec) -> ModelKeymap:
@@ -379,6 +445,9 @@ def plan_conversion(torch_module, source_keys_and_shapes, keymap: Optional[Model
         if partial and not any(tkey.startswith(p) for p in partial):
             rows.append(KeyAction(None, tkey, None, tshape, target_dtypes.get(tkey), "keep-init",
                                   f"outside --partial {', '.join(partial)}: keeps the twin's initialisation"))
+        elif flavour is not None and flavour.fill is not None and flavour.fill(tkey) is not None:
+            value, why = flavour.fill(tkey)
+            rows.append(KeyAction(None, tkey, None, tshape, target_dtypes.get(tkey), "fill", f"= {value}: {why}"))
         else:
             tname = torch_name_of.get(tkey)
             hint = f" (torch_ref key {tname!r})" if tname and tname != tkey else ""

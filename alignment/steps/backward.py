@@ -31,17 +31,17 @@ import numpy as np
 import paddle_impl.optim as poptim
 import torch_ref.optim as toptim
 
-from weights_convert.keymap import torch_to_paddle_key
+from weights_convert.keymap import get_keymap
 
 from ..context import Context, StepResult
-from .common import as_tuple, record, train_setup
+from .common import as_tuple, record, sampled_forward, train_outputs, train_setup
 
 
 def _to_numpy(v):
     return v.detach().cpu().numpy() if hasattr(v, "detach") and hasattr(v, "cpu") else np.asarray(v.numpy())
 
 
-def _sync(tm, pm, popt, t_state) -> None:
+def _sync(tm, pm, popt, t_state, to_paddle) -> None:
     """Lockstep: start the next iteration of the Paddle side from torch's exact state (parameters, BN buffers,
     optimizer state), so each iteration tests one step's math and rounding does not compound."""
     import paddle
@@ -51,7 +51,7 @@ def _sync(tm, pm, popt, t_state) -> None:
     for name, p in tm.named_parameters():
         p_params[name].set_value(paddle.to_tensor(p.detach().numpy()))
     for name, b in tm.named_buffers():
-        pk = torch_to_paddle_key(name)
+        pk = to_paddle(name)
         if pk is not None:
             p_buffers[pk].set_value(paddle.to_tensor(b.numpy()))
     poptim.load_optimizer_state(popt, pm, {s: {n: _to_numpy(v) for n, v in vals.items()}
@@ -134,13 +134,15 @@ def free_run(ctx: Context, res: StepResult) -> StepResult:
         lr = tsched.lr_at(it)
         poptim.set_lr(popt, psched.lr_at(it))
         losses = {}
+        chosen = None
         for side, (model, opt, x) in sides.items():
             toptim.set_lr(opt, lr)
-            out = tloss(as_tuple(model(x)), yt)
+            outputs, chosen = sampled_forward(ctx, model, x, it, "torch", chosen)
+            out = tloss(outputs, yt)
             losses[side] = {k: float(v.detach()) for k, v in out.items()}
             out["loss"].backward()
             toptim.step(opt)
-        loss_p = ploss(as_tuple(pm(xp)), yp)
+        loss_p = ploss(sampled_forward(ctx, pm, xp, it, "paddle", chosen)[0], yp)
         losses["paddle"] = {k: float(v.detach()) for k, v in loss_p.items()}
         series["iteration"].append(it)
         for side in ("torch", "paddle", "torch32"):
@@ -197,6 +199,7 @@ def run(ctx: Context) -> StepResult:
     if not check_groups(ctx, res, tm, pm, topt, popt):
         return res
     groups = toptim.group_names(topt)
+    to_paddle = get_keymap(ctx.name).to_paddle  # the converter's key map (BN renames, the spec's key_renames)
     p_params = dict(pm.named_parameters())
     p_buffers = dict(pm.named_buffers())
     curves = {"torch": [], "paddle": [], "lr": []}
@@ -205,8 +208,9 @@ def run(ctx: Context) -> StepResult:
         poptim.set_lr(popt, psched.lr_at(it))
         for g, a, b in zip(groups, poptim.current_lrs(popt), toptim.current_lrs(topt)):
             record(ctx, res, f"iter{it}/lr/{g}", np.float64(a), np.float64(b))
-        loss_t = tloss(as_tuple(tm(xt)), yt)
-        loss_p = ploss(as_tuple(pm(xp)), yp)
+        out_t, out_p = train_outputs(ctx, tm, pm, xt, xp, it)
+        loss_t = tloss(out_t, yt)
+        loss_p = ploss(out_p, yp)
         for term in loss_t:
             record(ctx, res, f"iter{it}/loss/{term}", loss_p[term].detach(), loss_t[term].detach())
         curves["torch"].append(float(loss_t["loss"].detach()))
@@ -226,7 +230,7 @@ def run(ctx: Context) -> StepResult:
         for name, p in tm.named_parameters():
             record(ctx, res, f"iter{it}/param/{name}", p_params[name].detach(), p.detach())
         for name, b in tm.named_buffers():
-            pk = torch_to_paddle_key(name)
+            pk = to_paddle(name)
             if pk is not None:
                 record(ctx, res, f"iter{it}/buffer/{name}", p_buffers[pk], b)
         t_state = toptim.optimizer_state(topt, tm)
@@ -238,7 +242,7 @@ def run(ctx: Context) -> StepResult:
                     return res
                 record(ctx, res, f"iter{it}/{sname}/{name}", p_state[sname][name], value)
         if ctx.lockstep and it < ctx.iters - 1:  # not after the last: eval_logits_after must see its update
-            _sync(tm, pm, popt, t_state)
+            _sync(tm, pm, popt, t_state, to_paddle)
     tm.eval()
     pm.eval()
     with torch.no_grad():

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from ..context import Context, StepResult
 from ..specs import get_spec
-from .common import as_tuple, record, train_setup
+from .common import record, train_outputs, train_setup
 
 
 def run(ctx: Context) -> StepResult:
     res = StepResult("loss", dtype=ctx.train_dtype)
     tm, pm, (xt, yt), (xp, yp) = train_setup(ctx)
-    out_t = as_tuple(tm(xt))
-    out_p = as_tuple(pm(xp))
+    out_t, out_p = train_outputs(ctx, tm, pm, xt, xp)
     terms = list(get_spec(ctx.name).loss_term_names)
     for term, a, b in zip(terms, out_p, out_t):
         record(ctx, res, f"output/{term}", a.detach(), b.detach())

@@ -108,6 +108,14 @@ def get_uncertain_point_coords_on_grid(uncertainty_map, num_points: int, point_i
     return point_indices, L.stack([xs, ys], 2)
 
 
+def loss_pairs(outputs, label) -> list:
+    """(logits, target) of each loss term of the training outputs: ("coarse", x4-upsampled coarse logits vs the label)
+    and ("point", the point logits vs the label sampled at the points), both as (N, C, H', W') / (N, H', W') so every
+    pixel loss applies (detectron2: cross-entropy with ignore 255 on each)."""
+    coarse, point_logits, point_coords = outputs
+    return [(coarse, label), (point_logits.unsqueeze(3), point_targets(label, point_coords).unsqueeze(2))]
+
+
 def point_targets(label, point_coords):
     """Labels at the points: nearest point-sample of the (N, H, W) integer label -> int64 (N, P); 255 stays 255."""
     sampled = L.point_sample(L.as_dtype_of(label.unsqueeze(1), point_coords), point_coords, align_corners=False,
@@ -266,6 +274,9 @@ class PointRendSemSeg(L.Module):
         if subdivision_steps < 0:
             raise ValueError(f"{self.model_name}: subdivision_steps must be >= 0, got {subdivision_steps}")
         self.num_classes = num_classes
+        # {"chosen": (N, k)}: the training-point selection of the last training forward (a plain dict, not a buffer,
+        # so a harness can hand it to the other framework)
+        self.sampled = {}
         self.backbone = build_resnet_fpn(layers)
         self.sem_seg_head = PointRendSemSegHead(num_classes, fc_dim, num_fc, coarse_pred_each_layer, train_num_points,
                                                 oversample_ratio, importance_sample_ratio, subdivision_steps,
@@ -298,7 +309,8 @@ class PointRendSemSeg(L.Module):
         features = self.backbone(x)
         coarse = self.sem_seg_head.coarse_sem_seg_head.layers(features)
         if self.training:
-            point_logits, point_coords, _ = self.sem_seg_head.train_points(features, coarse, rand, chosen)
+            point_logits, point_coords, self.sampled["chosen"] = self.sem_seg_head.train_points(
+                features, coarse, rand, chosen)
             common_stride = self.sem_seg_head.coarse_sem_seg_head.common_stride
             return L.scale_interpolate(coarse, common_stride, "bilinear"), point_logits, point_coords
         steps = self.sem_seg_head.subdivision_steps
