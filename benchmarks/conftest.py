@@ -59,13 +59,14 @@ def model_twins(name: str, size, num_classes: int = 19, **cfg):
     import paddle_impl
     import torch_ref
     from paddle_impl.checkpoint import strict_load
-    from weights_convert.keymap import torch_to_paddle_key
+    from weights_convert.keymap import get_keymap
 
     set_threads()
     torch.manual_seed(0)
     tm = torch_ref.build_model(name, num_classes=num_classes, **cfg).eval()
     pm = paddle_impl.build_model(name, num_classes=num_classes, **cfg)
-    strict_load(pm, {torch_to_paddle_key(k): v.numpy() for k, v in tm.state_dict().items() if torch_to_paddle_key(k)})
+    to_paddle = get_keymap(name).to_paddle  # the converter's key rule (BN renames, the spec's key_renames)
+    strict_load(pm, {to_paddle(k): v.numpy() for k, v in tm.state_dict().items() if to_paddle(k)})
     pm.eval()
     rng = np.random.default_rng(0)
     x = rng.standard_normal(size).astype(np.float32)

@@ -224,7 +224,7 @@ CONFIGS = {  # CI-sized overrides of each shipped recipe: R-50, batch 2, 64x128 
 }
 
 
-def _msra_like_init(cfg, tmp_path) -> str:
+def _msra_like_init(cfg, tmp_path, seed: int = 0) -> str:
     """An ImageNet-like init the way detectron2 gets one: a ResNet-50 trunk whose frozen BN statistics are those of
     the training images (as a trained trunk's are), folded into the Caffe2 affine `_bn_s` / `_bn_b` like MSRA's
     R-50.pkl, then `segtwin convert ... --partial backbone`. (From random BN-free weights the features reach 1e4 and
@@ -233,8 +233,9 @@ def _msra_like_init(cfg, tmp_path) -> str:
 
     data = cfg.build_dataset("train")
     x = torch.from_numpy(np.stack([data[i][0] for i in range(len(data))]))
+    torch.manual_seed(seed)  # the weights, hence the run, are a function of the seed
     model = torch_ref.build_model("pointrend", num_classes=19, layers=50)
-    _calibrate_bn(model, x)
+    _calibrate_bn(model, x, seed)
     with torch.no_grad():
         for name, m in model.named_modules():
             if isinstance(m, torch_ref.layers.FrozenBatchNorm2d):  # y = s x + b with s, b folded from the stats
