@@ -119,3 +119,13 @@ def parse_size(value, name: str = "size", dims: str = "HW") -> Tuple[int, ...]:
     if min(vals) <= 0:
         raise ValueError(f"{name} must be positive, got ({', '.join(dims)}) = ({', '.join(map(str, vals))})")
     return vals
+
+
+def run_parser(parser, argv, run) -> int:
+    """`run(parser.parse_args(argv))`, with argparse's exit (--help: 0, a usage error: 2) returned as the exit code
+    instead of raised, for `main(argv) -> int` functions that tests call in-process."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    return run(args)

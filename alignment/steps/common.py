@@ -21,16 +21,20 @@ def as_tuple(outputs):
     return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
 
 
+def eval_setup(ctx: Context):
+    """Both twins in eval mode, float32, initial state, with the shared batch -> (tm, pm, xt, xp)."""
+    tm, pm = ctx.models("float32")
+    tm.eval()
+    pm.eval()
+    return tm, pm, ctx.torch_inputs()[0], ctx.paddle_inputs()[0]
+
+
 def eval_outputs(ctx: Context):
     """Both twins in eval mode (float32, initial state) on the shared batch -> (torch outputs, paddle outputs)."""
     import paddle
     import torch
 
-    tm, pm = ctx.models("float32")
-    tm.eval()
-    pm.eval()
-    xt, _ = ctx.torch_inputs()
-    xp, _ = ctx.paddle_inputs()
+    tm, pm, xt, xp = eval_setup(ctx)
     with torch.no_grad():
         out_t = as_tuple(tm(xt))
     with paddle.no_grad():

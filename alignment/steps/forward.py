@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..context import Context, StepResult
-from .common import eval_outputs, record
+from .common import eval_outputs, eval_setup, record
 
 
 def run(ctx: Context) -> StepResult:
@@ -39,11 +39,7 @@ def _staged(ctx: Context, res: StepResult) -> StepResult:
 
     from ..compare import to_numpy
 
-    tm, pm = ctx.models("float32")
-    tm.eval()
-    pm.eval()
-    xt, _ = ctx.torch_inputs()
-    xp, _ = ctx.paddle_inputs()
+    tm, pm, xt, xp = eval_setup(ctx)
     with torch.no_grad():
         st_t = tm.stages(xt)
     given = [to_numpy(i) for i in st_t["indices"]]

@@ -53,10 +53,11 @@ class Bottleneck(L.Module):
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 
-def depth_from_keys(name: str, keys, prefix: str = "") -> int:
-    """ResNet depth from the number of blocks of `<prefix>layer3.` in state_dict keys (the only stage whose length
-    tells 50 / 101 / 152). ValueError names the count when it matches no known depth."""
-    stage = prefix + "layer3."
+def depth_from_keys(name: str, keys, prefix: str = "", stage: str = "layer3") -> int:
+    """ResNet depth from the number of blocks of `<prefix><stage>.` in state_dict keys: the third stage (`layer3`,
+    detectron2's `res4`), the only one whose length tells 50 / 101 / 152. ValueError names the count when it
+    matches no known depth."""
+    stage = prefix + stage + "."
     n3 = len({k[len(stage):].split(".")[0] for k in keys if k.startswith(stage)})
     depth = next((d for d, b in DEPTHS.items() if b[2] == n3), None)
     if depth is None:

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from alignment.utils import parse_size
+from alignment.utils import parse_size, run_parser
 
 from .synthetic import CITIES, write_cityscapes, write_voc
 
@@ -87,12 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2); return it instead of exiting
-        return int(e.code or 0) if not isinstance(e.code, str) else 2
-    return run(args)
+    return run_parser(build_parser(), argv, run)
 
 
 if __name__ == "__main__":

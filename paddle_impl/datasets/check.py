@@ -444,12 +444,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", message="No ccache found")  # paddle's, at the readers' import
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2); return it instead of exiting
-        return int(e.code or 0) if not isinstance(e.code, str) else 2
-    return run(args)
+    from alignment.utils import run_parser
+
+    return run_parser(build_parser(), argv, run)
 
 
 if __name__ == "__main__":

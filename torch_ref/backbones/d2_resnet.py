@@ -22,21 +22,14 @@ top block LastLevelMaxPool). Parameter and buffer names are detectron2's:
 from __future__ import annotations
 
 from .. import layers as L
+from .resnet import DEPTHS, depth_from_keys
 
-DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 STAGES = ("res2", "res3", "res4", "res5")
 
 
 def depth_from_res4(keys, prefix: str = "backbone.bottom_up.") -> int:
-    """ResNet depth from the number of blocks of `<prefix>res4.` in state_dict keys (6 -> 50, 23 -> 101, 36 -> 152).
-    ValueError names the count when it matches no known depth."""
-    stage = prefix + "res4."
-    n4 = len({k[len(stage):].split(".")[0] for k in keys if k.startswith(stage)})
-    depth = next((d for d, b in DEPTHS.items() if b[2] == n4), None)
-    if depth is None:
-        raise ValueError(f"detectron2 ResNet checkpoint has {n4} blocks in {stage[:-1]}; known ResNet depths: "
-                         f"{ {d: b[2] for d, b in DEPTHS.items()} }")
-    return depth
+    """ResNet depth from the number of blocks of `<prefix>res4.` (6 -> 50, 23 -> 101, 36 -> 152)."""
+    return depth_from_keys("detectron2 ResNet", keys, prefix, "res4")
 
 
 class BasicStem(L.Module):
