@@ -57,7 +57,8 @@ class TrainRecipe:
 
     def torch_loss(self):
         import torch_ref.losses as tlosses
-        return tlosses.build_loss(self.name, self.config.raw.get("loss"), self.config.ignore_index)
+        return tlosses.build_loss(self.name, self.config.raw.get("loss"), self.config.ignore_index,
+                                  self.config.raw.get("model"))
 
 
 def module_path_of(key: str) -> str:

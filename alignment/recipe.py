@@ -50,6 +50,10 @@ _SCHED_COMMON = {"warmup_iters": 0, "warmup_start_lr": 0.0}
 LOSS_TYPES: Dict[str, Dict[str, Any]] = {
     "CrossEntropyLoss": {"avg": "valid", "weight": None, "ignore_index": None},
     "OhemCrossEntropyLoss": {"thresh": 0.7, "min_kept": 10000, "ignore_index": None},
+    # NVIDIA's RMILoss (loss/rmi.py): lambda x sigmoid-BCE over the one-hot + (1 - lambda) x RMI lower bound;
+    # do_rmi False: the BCE half alone, unweighted (NVIDIA's criterion(..., do_rmi=False))
+    "RMILoss": {"do_rmi": True, "rmi_radius": 3, "rmi_pool_way": 1, "rmi_pool_size": 4, "rmi_pool_stride": 4,
+                "loss_weight_lambda": 0.5, "lambda_way": 1, "ignore_index": None},
 }
 
 
@@ -173,6 +177,19 @@ def _loss_entry(entry, where: str) -> Dict[str, Any]:
         if out["weight"] is not None and (not isinstance(out["weight"], (list, tuple))
                                           or not all(_is_num(w) and w >= 0 for w in out["weight"])):
             raise RecipeError(f"{where}.weight must be a list of class weights >= 0, got {out['weight']!r}")
+    elif name == "RMILoss":
+        if not isinstance(out["do_rmi"], bool):
+            raise RecipeError(f"{where}.do_rmi must be true or false, got {out['do_rmi']!r}")
+        for key, allowed in (("rmi_radius", range(1, 11)), ("rmi_pool_way", (0, 1, 2)), ("lambda_way", (0, 1))):
+            if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] not in allowed:
+                raise RecipeError(f"{where}.{key} must be one of {list(allowed)}, got {out[key]!r}")
+        for key in ("rmi_pool_size", "rmi_pool_stride"):
+            if not isinstance(out[key], int) or isinstance(out[key], bool) or out[key] < 1:
+                raise RecipeError(f"{where}.{key} must be an integer >= 1, got {out[key]!r}")
+        if out["rmi_pool_size"] != out["rmi_pool_stride"]:
+            raise RecipeError(f"{where}: rmi_pool_size ({out['rmi_pool_size']}) must equal rmi_pool_stride "
+                              f"({out['rmi_pool_stride']}), as NVIDIA's RMILoss requires")
+        _num(out, "loss_weight_lambda", where, lo=0.0, hi=1.0)
     else:
         _num(out, "thresh", where, lo=0.0, hi=1.0)
         m = out["min_kept"]
@@ -184,13 +201,17 @@ def _loss_entry(entry, where: str) -> Dict[str, Any]:
     return out
 
 
-def resolve_loss(section: Optional[Mapping[str, Any]], spec) -> List[Dict[str, Any]]:
+def resolve_loss(section: Optional[Mapping[str, Any]], spec,
+                 model_cfg: Optional[Mapping[str, Any]] = None) -> List[Dict[str, Any]]:
     """One entry per loss term of the model, in its output order: ``{"name", "coef", "type", <type's keys>}``.
 
     ``section`` is PaddleSeg's ``{types: [...], coef: [...]}``: one type with several coefs is repeated for every
-    coef; ``coef`` defaults to the spec's weights. ``None``: the model's official criterion (cross-entropy averaged
-    over the valid pixels for every term, the spec's weights)."""
-    terms = list(spec.loss_terms)
+    coef; ``coef`` defaults to the spec's weights. ``None``: the model's official criterion (the spec's
+    ``official_loss`` types, else cross-entropy averaged over the valid pixels for every term, the spec's weights).
+    ``model_cfg``: the model's config, for a model whose loss terms depend on it (spec ``loss_terms_by``)."""
+    terms = list(spec.loss_terms_for(model_cfg))
+    if section is None and spec.official_loss:
+        section = {"types": [dict(spec.official_loss[t]) for t, _ in terms]}
     section = dict(section or {})
     _unknown(set(section), {"types", "coef"}, "loss")
     coefs = section.get("coef", [w for _, w in terms])
@@ -215,7 +236,7 @@ def resolve_recipe(raw: Mapping[str, Any], spec) -> Dict[str, Any]:
     """The resolved ``optimizer``, ``lr_scheduler`` and ``loss`` of a config dict, plus its ``iters``."""
     return {"optimizer": resolve_optimizer(raw.get("optimizer"), spec),
             "lr_scheduler": resolve_schedule(raw.get("lr_scheduler") or {}),
-            "loss": resolve_loss(raw.get("loss"), spec),
+            "loss": resolve_loss(raw.get("loss"), spec, raw.get("model")),
             "iters": int(raw["iters"])}
 
 

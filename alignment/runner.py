@@ -210,6 +210,19 @@ def config_model_cfg(recipe) -> dict:
             if k not in ("type", "pretrained", "backbone_pretrained", "num_classes")}
 
 
+def _sync_loss_cfg(recipe, spec, model) -> None:
+    """The recipe's model section takes the loaded model's values of the keys its loss terms depend on (spec
+    `loss_terms_by`: HRNet-OCR read as plain OCRNet from a checkpoint without `scale_attn.*` trains two outputs), so
+    the loss both sides build -- through the trainer's own `Config.build_loss` -- is the loaded model's."""
+    changed = False
+    for key, _, _ in spec.loss_terms_by:
+        if hasattr(model, key) and recipe.config.raw["model"].get(key) != getattr(model, key):
+            recipe.config.raw["model"][key] = getattr(model, key)
+            changed = True
+    if changed:
+        recipe.resolved = recipe.config.recipe
+
+
 def _train_batch(recipe, data: Path, n: int):
     """The first batch `segtwin train` would read from `data` (the config's training pipeline, augmentation
     included, seeded as the trainer seeds it: same sampler, same per-sample transform seeds), with batch size `n`."""
@@ -322,6 +335,7 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
         raise AlignmentSetupError(f"--weights {src}: cannot build the model with {cfg}: {e}") from None
     _check_size(torch_model, size)
     nc = torch_model.num_classes
+    _sync_loss_cfg(recipe, spec, torch_model)
     dst = wdir / f"{name}.pdparams"
     report = weights_convert.convert(name, src, dst, cfg=cfg or None, overwrite=True)
     report.to_json(wdir / "convert_report.json")

@@ -62,6 +62,11 @@ class ModelSpec:
     recipe: the config of the official training recipe (`paddle_impl/configs/...`).
     point_sampling: the training forward samples points at random and selects them by a top-k (PointRend): the
         alignment feeds both twins the same uniform numbers and the torch side's selection (steps/common.py).
+    loss_terms_by: ((cfg key, value, loss terms), ...): a model whose training outputs depend on its config (HRNet-OCR
+        without `mscale` returns two outputs, not four) names the other term lists here; `loss_terms_for(cfg)`
+        picks the first rule whose key has that value in cfg, else `loss_terms`.
+    official_loss: {term: loss type entry (`alignment.recipe.LOSS_TYPES`)}: the official criterion of each term
+        when it is not cross-entropy (HRNet-OCR: NVIDIA's RMI loss, its RMI half on the main term only).
     """
     name: str
     title: str
@@ -85,6 +90,8 @@ class ModelSpec:
     backbone_prefixes: Tuple[str, ...] = ("",)
     recipe: Optional[str] = None
     point_sampling: bool = False
+    loss_terms_by: Tuple[Tuple[str, Any, Tuple[Tuple[str, float], ...]], ...] = ()
+    official_loss: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------------------------ twins
     def module(self, framework: str):
@@ -121,6 +128,14 @@ class ModelSpec:
     @property
     def loss_term_names(self) -> Tuple[str, ...]:
         return tuple(t for t, _ in self.loss_terms)
+
+    def loss_terms_for(self, cfg: Optional[Mapping[str, Any]] = None) -> Tuple[Tuple[str, float], ...]:
+        """The loss terms of the model built with `cfg` (its `model:` section): see `loss_terms_by`."""
+        cfg = cfg or {}
+        for key, value, terms in self.loss_terms_by:
+            if key in cfg and cfg[key] == value:
+                return terms
+        return self.loss_terms
 
 
 def _builder_params(fn) -> Dict[str, inspect.Parameter]:
@@ -261,6 +276,26 @@ SPECS: Dict[str, ModelSpec] = {
         backbone_prefixes=("backbone.bottom_up.",),
         recipe="paddle_impl/configs/pointrend_r101_cityscapes_detectron2.yml",
         point_sampling=True,
+    ),
+    "hrnet_ocr_psa": ModelSpec(
+        name="hrnet_ocr_psa", title="HRNetV2-W48+OCR+PSA",
+        upstream="DeLightCMU/PSA semantic-segmentation/network/{ocrnet,hrnetv2,PSA}.py (NVIDIA's MscaleOCR)",
+        torch_module="torch_ref.models.hrnet_ocr_psa", paddle_module="paddle_impl.models.hrnet_ocr_psa",
+        official_format="nvidia",  # {'epoch', 'arch', 'state_dict' ('module.'), 'mean_iu' (numpy float64), ...}
+        # MscaleOCR.two_scale_forward: main (joint prediction) + OCR_ALPHA 0.4 x aux (joint aux) +
+        # SUPERVISED_MSCALE_WT 0.05 x each scale's own prediction (train_cityscapes_sota sets 0.05)
+        loss_terms=(("main", 1.0), ("aux", 0.4), ("pred_05x", 0.05), ("pred_10x", 0.05)),
+        loss_terms_by=(("mscale", False, (("main", 1.0), ("aux", 0.4))),),  # plain OCRNet: main + 0.4 x aux
+        # NVIDIA's criterion is RMILoss; only the main term runs its RMI half (OCR_AUX_RMI False, and the scale
+        # terms call it with do_rmi=False): the others are its sigmoid-BCE half alone
+        official_loss={"main": {"type": "RMILoss"}, "aux": {"type": "RMILoss", "do_rmi": False},
+                       "pred_05x": {"type": "RMILoss", "do_rmi": False},
+                       "pred_10x": {"type": "RMILoss", "do_rmi": False}},
+        head_prefixes=("ocr.", "scale_attn."), head_lr_mult=1.0,  # NVIDIA: one parameter group, one lr
+        input_rule="any size", align_input=(2, 3, 96, 96),
+        partial_aliases={"backbone": ("backbone.",)},
+        backbone_prefixes=("backbone.",),
+        recipe="paddle_impl/configs/hrnet48_ocr_psa_cityscapes.yml",
     ),
 }
 

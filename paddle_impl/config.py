@@ -426,7 +426,7 @@ class Config:
         """``paddle_impl.losses.build_loss`` of the config's ``loss`` section (default: the model's official
         criterion), ignoring the training set's ``ignore_index``."""
         from . import losses
-        return losses.build_loss(self.model_type, self.raw.get("loss"), self.ignore_index)
+        return losses.build_loss(self.model_type, self.raw.get("loss"), self.ignore_index, self.raw.get("model"))
 
 
 def load_backbone(model, state_dict, source: str = "<state_dict>", backbone_prefixes=()) -> None:

@@ -13,6 +13,7 @@ Two things here are NOT thin aliases, and every Paddle twin gets them from this 
 """
 from __future__ import annotations
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
@@ -62,11 +63,26 @@ class BatchNorm2d(nn.Layer):
     def forward(self, x):
         """x: (N, C, H, W) -> (N, C, H, W)."""
         if not self.training:
-            return F.batch_norm(x, self._mean, self._variance, self.weight, self.bias, training=False,
+            variance = self._variance
+            if x.dtype == paddle.float64:
+                # Paddle's kernel takes epsilon as a float32 attribute (1e-5 -> 9.99999974738e-06); in float64 that
+                # is 2.5e-13 too small, a relative error of 1.3e-13 / (var + eps) per layer, which a deep random
+                # network amplifies (HRNet-W48: 2e-5 on features of |37|). Adding the difference to the variance
+                # makes the kernel compute var + 1e-5 to float64 rounding.
+                variance = variance + (self.eps - float(np.float32(self.eps)))
+            return F.batch_norm(x, self._mean, variance, self.weight, self.bias, training=False,
                                 epsilon=self.eps)
-        # Copies: Paddle's kernel updates the running tensors in place, with the biased variance.
-        out = F.batch_norm(x, self._mean.detach().clone(), self._variance.detach().clone(), self.weight, self.bias,
-                           training=True, momentum=1.0 - self.momentum, epsilon=self.eps)
+        if x.dtype == paddle.float64:
+            # the kernel's float32 epsilon (see above) cannot be compensated with batch statistics: in float64 (the
+            # alignment's dtype) the same normalisation is written out, and autograd differentiates it
+            mean = paddle.mean(x, axis=[0, 2, 3], keepdim=True)
+            var = paddle.mean((x - mean) ** 2, axis=[0, 2, 3], keepdim=True)
+            out = (x - mean) / paddle.sqrt(var + self.eps) * self.weight.reshape([1, -1, 1, 1]) \
+                + self.bias.reshape([1, -1, 1, 1])
+        else:
+            # Copies: Paddle's kernel updates the running tensors in place, with the biased variance.
+            out = F.batch_norm(x, self._mean.detach().clone(), self._variance.detach().clone(), self.weight,
+                               self.bias, training=True, momentum=1.0 - self.momentum, epsilon=self.eps)
         with paddle.no_grad():
             n = x.shape[0] * x.shape[2] * x.shape[3]
             if n < 2:
@@ -83,9 +99,45 @@ class BatchNorm2d(nn.Layer):
 
 
 def interpolate(x, size, align_corners: bool):
-    """Bilinear resize of an NCHW tensor to `size` = (h, w). align_mode 0 = half-pixel, torch's False."""
-    return F.interpolate(x, size=[int(s) for s in size], mode="bilinear", align_corners=align_corners,
-                         align_mode=0)
+    """Bilinear resize of an NCHW tensor to `size` = (h, w). align_mode 0 = half-pixel, torch's False.
+
+    float64 input goes through `_bilinear_float64`: Paddle's kernel computes the source-coordinate ratio in float32
+    (2/3 -> 0.6666667), so a resize whose ratio is not exact in float32 lands ~1e-7 relative off torch's double
+    computation -- which HRNet's fuse layers hit at sizes that are not multiples of 32 (measured 4.9e-8 of the
+    logits at 96x96). In float32 both frameworks use a float32 ratio and the kernel is used."""
+    size = [int(s) for s in size]
+    if x.dtype == paddle.float64:
+        return _bilinear_float64(x, size, align_corners)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners, align_mode=0)
+
+
+def _source_taps(n_in: int, n_out: int, align_corners: bool):
+    """torch's bilinear source indices and weights along one axis, in double precision: (i0, i1, w0, w1)."""
+    d = np.arange(n_out, dtype=np.float64)
+    if align_corners:
+        scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+        src = scale * d
+    else:
+        src = np.maximum((n_in / n_out) * (d + 0.5) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = src - i0
+    return i0, i1, 1.0 - w1, w1
+
+
+def _bilinear_float64(x, size, align_corners: bool):
+    """torch's bilinear resize (double-precision coordinates), as gathers and weighted sums: differentiable."""
+    _, _, h, w = x.shape
+    out = x
+    for axis, n_in, n_out in ((2, int(h), size[0]), (3, int(w), size[1])):
+        if n_in == n_out:
+            continue
+        i0, i1, w0, w1 = _source_taps(n_in, n_out, align_corners)
+        shape = [1, 1, n_out, 1] if axis == 2 else [1, 1, 1, n_out]
+        a = paddle.index_select(out, paddle.to_tensor(i0), axis=axis)
+        b = paddle.index_select(out, paddle.to_tensor(i1), axis=axis)
+        out = a * paddle.to_tensor(w0.reshape(shape)) + b * paddle.to_tensor(w1.reshape(shape))
+    return out
 
 
 def cat(tensors, dim: int):
@@ -364,3 +416,140 @@ def init_normal_(param, std: float) -> None:
 
 def init_constant_(param, value: float) -> None:
     param.set_value(paddle.full_like(param, value))
+
+
+# ---- RMI loss vocabulary (paddle_impl/rmi.py) -------------------------------------------------------------------
+def permute(x, dims):
+    """x with its axes reordered: output axis i is input axis dims[i]."""
+    return paddle.transpose(x, list(dims))
+
+
+def one_hot(label, num_classes: int, like):
+    """int64 labels (...) in [0, num_classes) -> one-hot (..., num_classes) with the dtype of `like` (Paddle's
+    one_hot gives float32 and no gradient)."""
+    return F.one_hot(label, num_classes).astype(like.dtype)
+
+
+def bce_with_logits_sum(logits, target, weight):
+    """Sigmoid binary cross-entropy of `logits` against `target`, times `weight` (broadcast), summed."""
+    return F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum")
+
+
+def avg_pool2d_with_pad(x, kernel_size: int, stride: int, padding: int):
+    """Average pooling of NCHW x with zero padding COUNTED in the divisor (always kernel_size ** 2), floor mode:
+    exclusive=False (Paddle's default, exclusive=True, divides by the unpadded count)."""
+    return F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode=False, exclusive=False)
+
+
+def interpolate_nearest(x, size):
+    """Nearest resize of an NCHW tensor to `size` = (h, w): source index floor(dst * in / out)."""
+    return F.interpolate(x, size=[int(s) for s in size], mode="nearest")
+
+
+def _align_corners_taps(n_in: int, n_out: int) -> tuple:
+    """Per output position of a 1-D align_corners resize: (lower source index, upper source index, upper weight),
+    the coordinate dst * (n_in - 1) / (n_out - 1) computed in double precision as torch's CPU kernel does."""
+    ratio = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    lower, upper, weight = [], [], []
+    for dst in range(n_out):
+        src = ratio * dst
+        lo = int(src)
+        lower.append(lo)
+        upper.append(min(lo + 1, n_in - 1))
+        weight.append(src - lo)
+    return lower, upper, weight
+
+
+def resize_bilinear_align_corners(x, size):
+    """Bilinear resize of an NCHW tensor to `size` = (h, w) with align_corners=True (corner pixels map onto each
+    other: source coordinate dst * (in - 1) / (out - 1)). Written out with index_select: Paddle's own bilinear
+    kernel computes that ratio in float32 (17/3 -> 5.6666665), ~1e-7 relative off torch even in float64. Columns
+    are blended first, then rows, torch's CPU order."""
+    h, w = int(x.shape[2]), int(x.shape[3])
+    r0, r1, fr = _align_corners_taps(h, int(size[0]))
+    c0, c1, fc = _align_corners_taps(w, int(size[1]))
+    fc = paddle.to_tensor(fc, dtype=x.dtype).reshape([1, 1, 1, -1])
+    fr = paddle.to_tensor(fr, dtype=x.dtype).reshape([1, 1, -1, 1])
+    cols = (paddle.index_select(x, paddle.to_tensor(c0, dtype="int64"), axis=3) * (1.0 - fc)
+            + paddle.index_select(x, paddle.to_tensor(c1, dtype="int64"), axis=3) * fc)
+    return (paddle.index_select(cols, paddle.to_tensor(r0, dtype="int64"), axis=2) * (1.0 - fr)
+            + paddle.index_select(cols, paddle.to_tensor(r1, dtype="int64"), axis=2) * fr)
+
+
+def eye(n: int, like):
+    """The n x n identity with the dtype of `like`."""
+    return paddle.eye(n, dtype=like.dtype)
+
+
+def inverse(x):
+    """Inverse of square matrices (..., n, n)."""
+    return paddle.linalg.inv(x)
+
+
+def cholesky(x):
+    """Lower Cholesky factor of symmetric positive definite matrices (..., n, n)."""
+    return paddle.linalg.cholesky(x)
+
+
+def diagonal(x):
+    """Diagonals of matrices (..., n, n) -> (..., n)."""
+    return paddle.diagonal(x, axis1=-2, axis2=-1)
+
+
+def as_float64(x):
+    return x.astype("float64")
+
+
+# ---- HRNetV2 + Polarized Self-Attention vocabulary (backbones/hrnet.py) -----------------------------------------
+Sigmoid = nn.Sigmoid
+
+#: the classes `backbones.hrnet.init_weights` re-initialises: every 2-D conv, every BatchNorm (SyncBN included)
+CONV2D_LAYERS = (nn.Conv2D,)
+BATCHNORM_LAYERS = (BatchNorm2d, nn.layer.norm._BatchNormBase)
+
+
+class LayerNorm(nn.LayerNorm):
+    """torch's nn.LayerNorm over the trailing dims `normalized_shape` (e.g. (C, 1, 1)): weight/bias of THAT shape
+    (Paddle's own LayerNorm flattens them to one axis, which would change the checkpoint shapes), ones/zeros.
+    Still a `paddle.nn.LayerNorm`, so it stays in NORM_LAYERS."""
+
+    def __init__(self, normalized_shape, eps: float = 1e-5):
+        super().__init__(list(normalized_shape), epsilon=eps)
+        shape = [int(d) for d in normalized_shape]
+        self.weight = self.create_parameter(shape, default_initializer=nn.initializer.Constant(1.0))
+        self.bias = self.create_parameter(shape, is_bias=True, default_initializer=nn.initializer.Constant(0.0))
+
+    def forward(self, x):
+        if x.dtype == paddle.float64:
+            # Paddle's kernel takes epsilon as a float32 attribute (see BatchNorm2d): written out in float64
+            axes = list(range(x.ndim - len(self._normalized_shape), x.ndim))
+            mean = paddle.mean(x, axis=axes, keepdim=True)
+            var = paddle.mean((x - mean) ** 2, axis=axes, keepdim=True)
+            return (x - mean) / paddle.sqrt(var + self._epsilon) * self.weight + self.bias
+        return F.layer_norm(x, self._normalized_shape, weight=self.weight.flatten(), bias=self.bias.flatten(),
+                            epsilon=self._epsilon)
+
+
+def sigmoid(x):
+    return F.sigmoid(x)
+
+
+def matmul(a, b):
+    """Matrix product with broadcasting over the leading dims ((N, n, k) @ (N, k, m) -> (N, n, m))."""
+    return paddle.matmul(a, b)
+
+
+def init_kaiming_normal_(param, mode: str) -> None:
+    """param <- kaiming-normal for ReLU (a=0): N(0, 2 / fan), fan = `mode` ('fan_in' or 'fan_out')."""
+    fan_in, fan_out = _fans(param)
+    fan = {"fan_in": fan_in, "fan_out": fan_out}[mode]
+    param.set_value(paddle.normal(0.0, (2.0 / fan) ** 0.5, param.shape).astype(param.dtype))
+
+
+def init_torch_default_bias_(conv) -> None:
+    """A conv's bias (when it has one) as torch's Conv2d initialises it: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (Paddle's
+    own default is zeros)."""
+    if conv.bias is not None:
+        fan_in, _ = _fans(conv.weight)
+        bound = 1.0 / fan_in ** 0.5
+        conv.bias.set_value(paddle.uniform(conv.bias.shape, dtype=conv.bias.dtype, min=-bound, max=bound))

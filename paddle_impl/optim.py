@@ -148,6 +148,8 @@ def optimizer_state(optimizer, model) -> dict:
             out["beta1_pow"][name] = paddle.to_tensor([b1pow], dtype="float64")
             b2pow = float(acc["beta2_pow"].numpy().reshape([-1])[0]) / beta2
             out["beta2_pow"][name] = paddle.to_tensor([b2pow], dtype="float64")
+    # copies: the live buffers change at the next step, and a recorded state must not
+    out = {s: {n: v.detach().clone() for n, v in d.items()} for s, d in out.items()}
     return out
 
 

@@ -297,3 +297,92 @@ def init_normal_(param, std: float) -> None:
 
 def init_constant_(param, value: float) -> None:
     nn.init.constant_(param, value)
+
+
+# ---- RMI loss vocabulary (torch_ref/rmi.py) ---------------------------------------------------------------------
+def permute(x, dims):
+    """x with its axes reordered: output axis i is input axis dims[i]."""
+    return x.permute(*dims)
+
+
+def one_hot(label, num_classes: int, like):
+    """int64 labels (...) in [0, num_classes) -> one-hot (..., num_classes) with the dtype (and device) of `like`."""
+    return F.one_hot(label, num_classes).to(like.dtype)
+
+
+def bce_with_logits_sum(logits, target, weight):
+    """Sigmoid binary cross-entropy of `logits` against `target`, times `weight` (broadcast), summed."""
+    return F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum")
+
+
+def avg_pool2d_with_pad(x, kernel_size: int, stride: int, padding: int):
+    """Average pooling of NCHW x with zero padding COUNTED in the divisor (always kernel_size ** 2), floor mode:
+    torch's default count_include_pad=True."""
+    return F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode=False, count_include_pad=True)
+
+
+def interpolate_nearest(x, size):
+    """Nearest resize of an NCHW tensor to `size` = (h, w): source index floor(dst * in / out)."""
+    return F.interpolate(x, size=tuple(int(s) for s in size), mode="nearest")
+
+
+def resize_bilinear_align_corners(x, size):
+    """Bilinear resize of an NCHW tensor to `size` = (h, w) with align_corners=True (corner pixels map onto each
+    other: source coordinate dst * (in - 1) / (out - 1))."""
+    return F.interpolate(x, size=tuple(int(s) for s in size), mode="bilinear", align_corners=True)
+
+
+def eye(n: int, like):
+    """The n x n identity with the dtype (and device) of `like`."""
+    return torch.eye(n, dtype=like.dtype, device=like.device)
+
+
+def inverse(x):
+    """Inverse of square matrices (..., n, n)."""
+    return torch.linalg.inv(x)
+
+
+def cholesky(x):
+    """Lower Cholesky factor of symmetric positive definite matrices (..., n, n)."""
+    return torch.linalg.cholesky(x)
+
+
+def diagonal(x):
+    """Diagonals of matrices (..., n, n) -> (..., n)."""
+    return torch.diagonal(x, dim1=-2, dim2=-1)
+
+
+def as_float64(x):
+    return x.to(torch.float64)
+
+
+# ---- HRNetV2 + Polarized Self-Attention vocabulary (backbones/hrnet.py) -----------------------------------------
+Sigmoid = nn.Sigmoid
+
+#: the classes `backbones.hrnet.init_weights` re-initialises: every 2-D conv, every BatchNorm (SyncBN included)
+CONV2D_LAYERS = (nn.Conv2d,)
+BATCHNORM_LAYERS = (nn.modules.batchnorm._BatchNorm,)
+
+
+def LayerNorm(normalized_shape, eps: float = 1e-5) -> nn.LayerNorm:
+    """LayerNorm over the trailing dims `normalized_shape` (e.g. (C, 1, 1)); weight/bias of THAT shape, ones/zeros."""
+    return nn.LayerNorm(list(normalized_shape), eps=eps)
+
+
+def sigmoid(x):
+    return torch.sigmoid(x)
+
+
+def matmul(a, b):
+    """Matrix product with broadcasting over the leading dims ((N, n, k) @ (N, k, m) -> (N, n, m))."""
+    return torch.matmul(a, b)
+
+
+def init_kaiming_normal_(param, mode: str) -> None:
+    """param <- kaiming-normal for ReLU (a=0): N(0, 2 / fan), fan = `mode` ('fan_in' or 'fan_out')."""
+    nn.init.kaiming_normal_(param, mode=mode, nonlinearity="relu")
+
+
+def init_torch_default_bias_(conv) -> None:
+    """A conv's bias (when it has one) as torch's Conv2d initialises it: U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Here a
+    no-op: torch drew it so at construction, and drawing nothing keeps the random stream identical to upstream's."""

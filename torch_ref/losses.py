@@ -12,6 +12,9 @@ Pixel losses over the CLASS axis (dim 1 of NCHW logits); labels equal to `ignore
   of the true class of each valid pixel; when min_kept < #valid, threshold = max(thresh, the min_kept-th smallest p)
   and only pixels with p < threshold (strict) are kept; else all valid pixels. Mean CE over the kept pixels. The
   selection is not differentiated through.
+* `RMILoss(do_rmi=True, rmi_radius=3, rmi_pool_size=4, ...)`: NVIDIA's criterion of HRNet-OCR (`rmi.py`): 0.5 x
+  sigmoid-BCE over the one-hot labels (summed, divided by valid pixels + 1) + 0.5 x the region mutual information
+  lower bound (float64 log-determinants); `do_rmi=False` is the BCE half alone, unweighted.
 
 `build_loss` reads the loss section through `alignment.recipe.resolve_loss` (one entry per loss term of the model's
 spec); the terms are reported unweighted so the alignment can compare every one of them. When the model's official
@@ -24,6 +27,7 @@ from alignment.recipe import resolve_loss
 from alignment.specs import get_spec
 
 from . import layers as L
+from . import rmi
 
 
 def _check(logits, label) -> None:
@@ -89,7 +93,24 @@ class OhemCrossEntropyLoss(L.Module):
         return (loss * mask).sum() / L.clamp_min(mask.sum(), 1.0)
 
 
-LOSSES = {"CrossEntropyLoss": CrossEntropyLoss, "OhemCrossEntropyLoss": OhemCrossEntropyLoss}
+class RMILoss(L.Module):
+    """NVIDIA's criterion (`rmi.RMILoss`) as a pixel loss of this module: the class count is the logits' own, pixels
+    with a label >= it (the ignore label among them) are left out; `do_rmi` False is NVIDIA's
+    `criterion(..., do_rmi=False)`, the sigmoid-BCE half alone."""
+
+    def __init__(self, do_rmi: bool = True, ignore_index: int = 255, **rmi_args):
+        super().__init__()
+        self.do_rmi = bool(do_rmi)
+        self.ignore_index = int(ignore_index)
+        self.rmi_args = dict(rmi_args)
+
+    def forward(self, logits, label):
+        _check(logits, label)
+        criterion = rmi.RMILoss(L.sizes(logits)[1], ignore_index=self.ignore_index, **self.rmi_args)
+        return criterion(logits, label, do_rmi=self.do_rmi)
+
+
+LOSSES = {"CrossEntropyLoss": CrossEntropyLoss, "OhemCrossEntropyLoss": OhemCrossEntropyLoss, "RMILoss": RMILoss}
 
 
 class MultiLoss(L.Module):
@@ -129,11 +150,11 @@ class MultiLoss(L.Module):
         return result
 
 
-def build_loss(name: str, section=None, ignore_index: int = 255) -> MultiLoss:
+def build_loss(name: str, section=None, ignore_index: int = 255, model_cfg=None) -> MultiLoss:
     """The loss of model `name` from a config's `loss` section (None: the model's official criterion);
-    `ignore_index`: the dataset's void label."""
+    `ignore_index`: the dataset's void label; `model_cfg`: the model's config (its loss terms may depend on it)."""
     spec = get_spec(name)
-    terms = resolve_loss(section, spec)
+    terms = resolve_loss(section, spec, model_cfg)
     own = spec.ignore_label
     losses, relabelled = [], []
     for t in terms:

@@ -8,7 +8,9 @@ Reading:
 
 * torch files (zip format, or the legacy pickle format) are read with
   `torch.load(map_location="cpu", weights_only=True, mmap=True)`: tensors stay memory-mapped until used, and a pickle
-  that references any global the weights-only unpickler does not allow is REFUSED before anything in it runs.
+  that references any global the weights-only unpickler does not allow is REFUSED before anything in it runs. The
+  only globals allowed beyond torch's own are numpy's numeric scalar and dtype constructors (NVIDIA's checkpoints
+  store `mean_iu` as a numpy float64).
 * detectron2 `.pkl` files (a pickled `{'model': {name: numpy array}, ...}`) are read by a restricted unpickler that
   resolves only numpy's array-reconstruction globals and `collections.OrderedDict`; any other global is refused by
   name, without being imported.
@@ -137,17 +139,42 @@ def _weights_only_detail(message: str) -> str:
     m = re.search(r"GLOBAL ([A-Za-z_][\w.]*)", message)
     if m:
         return m.group(1).rstrip(".")
+    m = re.search(r"but got <class '([\w.]+)'>", message)
+    if m:
+        return m.group(1)
     m = re.search(r"WeightsUnpickler error: (.*)", message)
     if m:
         return _first_line(m.group(1))
     return "content the weights-only unpickler rejects"
 
 
+def _numpy_scalar_globals() -> list:
+    """The globals a pickled numpy scalar needs, and nothing else: NVIDIA/semantic-segmentation saves `mean_iu` and
+    runx's `__metric` as numpy float64 scalars (`np.nanmean`), pickled as `<numpy>.multiarray.scalar(dtype, bytes)`
+    with a `numpy.dtype`. The scalar constructor is allowed under both the numpy 1.x module name (files written
+    before numpy 2) and the 2.x one; it only rebuilds a number from its raw bytes."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import scalar
+    dtype_classes = [type(np.dtype(code)) for code in NUMERIC_DTYPE_CODES]  # numpy.dtypes.Float64DType, ...
+    return [np.dtype, *dtype_classes, (scalar, "numpy.core.multiarray.scalar"),
+            (scalar, "numpy._core.multiarray.scalar")]
+
+
+#: numpy's numeric scalar types (bool, signed/unsigned integers, floats, complex): their dtype classes are what numpy
+#: >= 1.25 pickles as the state of a scalar's dtype. Object, string and void dtypes are NOT allowed.
+NUMERIC_DTYPE_CODES = "?bBhHiIlLqQefdgFDG"
+
+
 def _torch_load(p: Path, fmt: str) -> Any:
     import torch
 
     def load(mmap: bool):
-        return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
 
     try:
         try:
@@ -318,9 +345,22 @@ def _detectron2_zoo_state(model) -> dict:
             "__author__": "Detectron2 Model Zoo"}
 
 
+def _nvidia_state(model) -> dict:
+    """NVIDIA/semantic-segmentation (`utils/misc.py` eval_metrics + runx `logx.save_model`): {'epoch', 'arch',
+    'num_classes', 'state_dict' with 'module.' keys (apex DDP), 'optimizer', 'mean_iu', 'command', '__metric'},
+    where mean_iu and __metric are numpy float64 scalars (np.nanmean of the IoUs)."""
+    import numpy as np
+
+    sd = {"module." + k: v.detach().clone() for k, v in model.state_dict().items()}
+    arch = "network.ocrnet.HRNet_Mscale" if getattr(model, "mscale", True) else "network.ocrnet.HRNet"
+    return {"epoch": 0, "arch": arch, "num_classes": int(getattr(model, "num_classes", 19)), "state_dict": sd,
+            "optimizer": {"state": {}, "param_groups": []}, "mean_iu": np.float64(0.0),
+            "command": "train.py --dataset cityscapes --arch " + arch, "__metric": np.float64(0.0)}
+
+
 #: official_format name -> function(model) -> the object the upstream script saves
 FORMATS = {"semseg": _semseg_state, "encoding": _encoding_state, "plain": _plain_state,
-           "detectron2": _detectron2_state, "detectron2-zoo": _detectron2_zoo_state}
+           "detectron2": _detectron2_state, "detectron2-zoo": _detectron2_zoo_state, "nvidia": _nvidia_state}
 #: formats saved with `pickle.dump` (numpy arrays only) rather than `torch.save`
 PICKLE_FORMATS = ("detectron2-zoo",)
 

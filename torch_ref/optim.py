@@ -138,6 +138,8 @@ def optimizer_state(optimizer, model) -> dict:
             out["step"][name] = st["step"].double().reshape([1])
             out["beta1_pow"][name] = torch.tensor([g["betas"][0] ** float(st["step"])], dtype=torch.float64)
             out["beta2_pow"][name] = torch.tensor([g["betas"][1] ** float(st["step"])], dtype=torch.float64)
+    # copies: the live buffers change at the next step, and a recorded state must not
+    out = {s: {n: v.detach().clone() for n, v in d.items()} for s, d in out.items()}
     return out
 
 

@@ -9,7 +9,6 @@ then each loss term: if the outputs agree and a term does not, the fault is in t
 from __future__ import annotations
 
 from ..context import Context, StepResult
-from ..specs import get_spec
 from .common import record, train_outputs, train_setup
 
 
@@ -17,7 +16,7 @@ def run(ctx: Context) -> StepResult:
     res = StepResult("loss", dtype=ctx.train_dtype)
     tm, pm, (xt, yt), (xp, yp) = train_setup(ctx)
     out_t, out_p = train_outputs(ctx, tm, pm, xt, xp)
-    terms = list(get_spec(ctx.name).loss_term_names)
+    terms = [t["name"] for t in ctx.recipe.resolved["loss"]]
     for term, a, b in zip(terms, out_p, out_t):
         record(ctx, res, f"output/{term}", a.detach(), b.detach())
     loss_t = ctx.recipe.torch_loss()(out_t, yt)
