@@ -210,16 +210,31 @@ def config_model_cfg(recipe) -> dict:
             if k not in ("type", "pretrained", "backbone_pretrained", "num_classes")}
 
 
-def _sync_loss_cfg(recipe, spec, model) -> None:
+def _sync_loss_cfg(recipe, spec, model, user_config: bool) -> None:
     """The recipe's model section takes the loaded model's values of the keys its loss terms depend on (spec
     `loss_terms_by`: HRNet-OCR read as plain OCRNet from a checkpoint without `scale_attn.*` trains two outputs), so
-    the loss both sides build -- through the trainer's own `Config.build_loss` -- is the loaded model's."""
-    changed = False
+    the loss both sides build -- through the trainer's own `Config.build_loss` -- is the loaded model's. When the
+    recipe is the model's official one and its loss section was written for the other variant, the variant's
+    official criterion (spec `official_loss`, the spec's weights) replaces it; a user's --config that does not fit
+    is exit 2."""
+    from .recipe import RecipeError
+
+    changed = {}
     for key, _, _ in spec.loss_terms_by:
         if hasattr(model, key) and recipe.config.raw["model"].get(key) != getattr(model, key):
             recipe.config.raw["model"][key] = getattr(model, key)
-            changed = True
-    if changed:
+            changed[key] = getattr(model, key)
+    if not changed:
+        return
+    try:
+        recipe.resolved = recipe.config.recipe
+    except RecipeError as e:
+        if user_config:
+            raise AlignmentSetupError(f"--config {recipe.source}: the model is built with "
+                                      f"{', '.join(f'{k}={v}' for k, v in changed.items())}, which its loss section "
+                                      f"does not fit: {e}") from None
+        # the official recipe's loss is written for the official model: this variant gets its official criterion
+        recipe.config.raw.pop("loss", None)
         recipe.resolved = recipe.config.recipe
 
 
@@ -335,7 +350,7 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
         raise AlignmentSetupError(f"--weights {src}: cannot build the model with {cfg}: {e}") from None
     _check_size(torch_model, size)
     nc = torch_model.num_classes
-    _sync_loss_cfg(recipe, spec, torch_model)
+    _sync_loss_cfg(recipe, spec, torch_model, user_config=config is not None)
     dst = wdir / f"{name}.pdparams"
     report = weights_convert.convert(name, src, dst, cfg=cfg or None, overwrite=True)
     report.to_json(wdir / "convert_report.json")
