@@ -15,7 +15,6 @@ import pytest
 paddle = pytest.importorskip("paddle")
 torch = pytest.importorskip("torch")
 
-import alignment  # noqa: E402
 import paddle_impl  # noqa: E402
 import torch_ref  # noqa: E402
 from alignment.recipe import RecipeError, resolve_loss  # noqa: E402
