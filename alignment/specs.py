@@ -67,6 +67,10 @@ class ModelSpec:
         picks the first rule whose key has that value in cfg, else `loss_terms`.
     official_loss: {term: loss type entry (`alignment.recipe.LOSS_TYPES`)}: the official criterion of each term
         when it is not cross-entropy (HRNet-OCR: NVIDIA's RMI loss, its RMI half on the main term only).
+    init_keeps: ((regex, reason), ...): twin keys inside the backbone that a pretrained init may lack and that keep
+        the model's own initialisation, as the upstream loader does (HRNet's PSA blocks: the ImageNet and Mapillary
+        HRNets have none). `segtwin convert --partial` reports them keep-init, `model.backbone_pretrained` allows
+        them to be absent; both name each one. Full-key match.
     """
     name: str
     title: str
@@ -92,6 +96,7 @@ class ModelSpec:
     point_sampling: bool = False
     loss_terms_by: Tuple[Tuple[str, Any, Tuple[Tuple[str, float], ...]], ...] = ()
     official_loss: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    init_keeps: Tuple[Tuple[str, str], ...] = ()
 
     # ------------------------------------------------------------------------------------------------ twins
     def module(self, framework: str):
@@ -293,7 +298,12 @@ SPECS: Dict[str, ModelSpec] = {
                        "pred_10x": {"type": "RMILoss", "do_rmi": False}},
         head_prefixes=("ocr.", "scale_attn."), head_lr_mult=1.0,  # NVIDIA: one parameter group, one lr
         input_rule="any size", align_input=(2, 3, 96, 96),
-        partial_aliases={"backbone": ("backbone.",)},
+        partial_aliases={"backbone": ("backbone.",)}, source_flavours=("hrnet-imagenet",),
+        # DeLightCMU's / NVIDIA's loaders copy only the keys a file holds: a PSA-less HRNet (ImageNet, Mapillary)
+        # leaves every PSA block at its own init
+        init_keeps=((r"backbone\..+\.deattn\..+",
+                     "PSA block: a PSA-less HRNet init (ImageNet, Mapillary) has none; as upstream's loader, the "
+                     "block keeps its own initialisation"),),
         backbone_prefixes=("backbone.",),
         recipe="paddle_impl/configs/hrnet48_ocr_psa_cityscapes.yml",
     ),

@@ -182,6 +182,8 @@ class Config:
         self.path = path
         #: the dotted overrides (``--opts``, ``--iters``, ...) applied on top of the file, for the record
         self.overrides: Dict[str, Any] = {}
+        #: {key: reason} of the backbone keys ``model.backbone_pretrained`` did not hold (spec ``init_keeps``)
+        self.init_kept: Dict[str, str] = {}
         self.file = os.path.basename(path)
         _validate(raw, SCHEMA, "<root>", self.file)
         for key in _REQUIRED:
@@ -329,7 +331,8 @@ class Config:
         """``paddle_impl.build_model(model.type, num_classes=..., <other model keys>)``; ``model.pretrained`` (a
         full-model .pdparams) is loaded strictly when set; ``model.backbone_pretrained`` (e.g. ImageNet weights
         converted with ``segtwin convert --partial backbone``) must hold every key under the spec's backbone prefixes
-        (``partial_aliases['backbone']``: the trunk) with the right shape and nothing else."""
+        (``partial_aliases['backbone']``: the trunk) with the right shape and nothing else, except the spec's
+        ``init_keeps`` (HRNet's PSA blocks), which keep their initialisation and are listed in ``self.init_kept``."""
         import paddle_impl
         from .checkpoint import read_state_file, strict_load
         cfg = {k: v for k, v in self.raw["model"].items()
@@ -351,7 +354,8 @@ class Config:
             if not trunk:
                 raise ConfigError(f"{self.file}: model.backbone_pretrained: model {self.model_type!r} names no "
                                   f"backbone (its spec has no partial_aliases['backbone'])")
-            load_backbone(model, read_state_file(backbone), source=backbone, backbone_prefixes=trunk)
+            self.init_kept = load_backbone(model, read_state_file(backbone), source=backbone,
+                                           backbone_prefixes=trunk, keeps=self.spec.init_keeps)
         return model
 
     def _dataset_class(self, section: str):
@@ -429,16 +433,29 @@ class Config:
         return losses.build_loss(self.model_type, self.raw.get("loss"), self.ignore_index, self.raw.get("model"))
 
 
-def load_backbone(model, state_dict, source: str = "<state_dict>", backbone_prefixes=()) -> None:
+def load_backbone(model, state_dict, source: str = "<state_dict>", backbone_prefixes=(), keeps=()) -> dict:
     """Load every parameter/buffer of ``model`` under ``backbone_prefixes`` (the spec's ``--partial backbone``
     prefixes: the ImageNet-initialised trunk) from ``state_dict``, strictly on those keys (none missing, none
-    unexpected, same shapes); everything else (heads, PointRend's FPN) keeps its initialisation."""
+    unexpected, same shapes); everything else (heads, PointRend's FPN) keeps its initialisation.
+
+    keeps: the spec's ``init_keeps`` ((regex, reason), ...): trunk keys the file may lack (HRNet's PSA blocks in a
+    PSA-less HRNet init); those keep the model's own values. Returns {key: reason} of every key kept that way."""
+    import re
+
     from .checkpoint import check_keys
     trunk = tuple(backbone_prefixes)
-    check_keys({k: v for k, v in model.state_dict().items() if k.startswith(trunk)}, state_dict, source)
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(trunk)}
+    kept = {}
+    for k in own:
+        if k not in state_dict:
+            reason = next((why for pattern, why in keeps if re.fullmatch(pattern, k)), None)
+            if reason is not None:
+                kept[k] = reason
+    check_keys({k: v for k, v in own.items() if k not in kept}, state_dict, source)
     full = dict(model.state_dict())  # the heads load their own values: no "skip loading" warnings
     full.update(state_dict)
     model.set_state_dict(full)
+    return kept
 
 
 def load_config(path, overrides: Optional[Dict[str, Any]] = None) -> Config:

@@ -127,6 +127,88 @@ def test_convert_nvidia_checkpoint(tmp_path, torch_p):
     np.testing.assert_array_equal(psd[k + "._variance"].numpy(), torch_p.state_dict()[k + ".running_var"].numpy())
 
 
+# ------------------------------------------------------------------------------------------------ inits
+@pytest.fixture(scope="module")
+def mapillary_like(tmp_path_factory):
+    """A PSA-less MscaleOCR with 65 classes in NVIDIA's format: the layout of NVIDIA's Mapillary-pretrained
+    `ocrnet.HRNet_industrious-chicken.pth`, the seed recipe's init (random weights: no network)."""
+    torch.manual_seed(2)
+    model = torch_ref.build_model("hrnet_ocr_psa", num_classes=65, psa=None, mscale=True)
+    return model.state_dict(), save_official("hrnet_ocr_psa", model, tmp_path_factory.mktemp("init") / "chicken.pth")
+
+
+@pytest.mark.slow
+def test_psa_less_mapillary_init_converts_whole_and_as_psa_backbone(tmp_path, mapillary_like):
+    from paddle_impl.config import load_config
+    from paddle_impl.checkpoint import StateDictMismatch
+
+    src_sd, src = mapillary_like
+    # as a whole model: a PSA-less 65-class MscaleOCR, read off its keys
+    whole = convert("hrnet_ocr_psa", src, tmp_path / "whole.pdparams")
+    assert whole.ok and whole.cfg == {"num_classes": 65, "psa": None, "mscale": True}
+    assert {r.action for r in whole.rows} <= {"copy", "rename", "drop"}
+
+    # as the backbone of the seed recipe's PSA(p) 19-class model
+    rep = convert("hrnet_ocr_psa", src, tmp_path / "init.pdparams", partial=("backbone",),
+                  cfg={"psa": "p", "num_classes": 19})
+    by = {}
+    for r in rep.rows:
+        by.setdefault(r.action, []).append(r)
+    assert set(by) == {"copy", "rename", "drop", "keep-init"}, set(by)
+    dropped = {r.source for r in by["drop"] if "outside --partial backbone" in r.reason}
+    # every OCR / scale-attention key, the 65-class heads included, is out of scope: dropped, each one reported
+    assert dropped == {k for k in src_sd if not k.startswith("backbone.") and not k.endswith("num_batches_tracked")}
+    psa_keys = {r.target for r in by["keep-init"] if r.target.startswith("backbone.")}
+    assert all(".deattn." in k for k in psa_keys) and all("PSA block" in r.reason for r in by["keep-init"]
+                                                          if r.target in psa_keys)
+    assert len({k.rsplit(".deattn.", 1)[0] for k in psa_keys}) == 104  # every basic block's PSA
+    assert not any(r.target.startswith("backbone.") and ".deattn." not in r.target for r in by["keep-init"])
+
+    # the recipe's model.backbone_pretrained loads it into PSA(p): trunk from the file, PSA blocks their own init
+    cfg = load_config("paddle_impl/configs/hrnet48_ocr_psa_cityscapes.yml",
+                      {"model.backbone_pretrained": str(tmp_path / "init.pdparams")})
+    model = cfg.build_model()
+    assert set(cfg.init_kept) == psa_keys
+    psd = model.state_dict()
+    k = "backbone.stage4.2.branches.3.3.conv2.weight"
+    np.testing.assert_array_equal(psd[k].numpy(), src_sd[k].numpy())
+    np.testing.assert_array_equal(psd["backbone.bn1._variance"].numpy(), src_sd["backbone.bn1.running_var"].numpy())
+
+    # a trunk key other than a PSA block's missing from the file is still an error naming it
+    from paddle_impl.config import load_backbone
+    from paddle_impl.checkpoint import read_state_file
+    partial_sd = read_state_file(str(tmp_path / "init.pdparams"))
+    del partial_sd["backbone.stage2.0.branches.1.2.conv1.weight"]
+    with pytest.raises(StateDictMismatch, match=r"backbone\.stage2\.0\.branches\.1\.2\.conv1\.weight"):
+        load_backbone(model, partial_sd, "cut.pdparams", ("backbone.",), SPEC.init_keeps)
+
+
+@pytest.mark.slow
+def test_imagenet_hrnet_flavour_needs_partial_and_drops_the_classification_head(tmp_path, mapillary_like):
+    from weights_convert import ConversionError
+
+    src_sd, _ = mapillary_like
+    # HRNet-Image-Classification's layout: the trunk at the top level, plus its classification head
+    sd = {k[len("backbone."):]: v for k, v in src_sd.items() if k.startswith("backbone.")}
+    head = {"incre_modules.0.0.conv1.weight": (32, 48, 1, 1), "downsamp_modules.0.0.weight": (256, 128, 3, 3),
+            "final_layer.0.weight": (2048, 1024, 1, 1), "classifier.weight": (1000, 2048), "classifier.bias": (1000,)}
+    sd.update({k: torch.zeros(s) for k, s in head.items()})
+    torch.save(sd, tmp_path / "hrnetv2_w48_imagenet_pretrained.pth")
+    with pytest.raises(ConversionError, match=r"hrnet-imagenet checkpoint .*--partial backbone"):
+        convert("hrnet_ocr_psa", tmp_path / "hrnetv2_w48_imagenet_pretrained.pth", tmp_path / "x.pdparams")
+    rep = convert("hrnet_ocr_psa", tmp_path / "hrnetv2_w48_imagenet_pretrained.pth", tmp_path / "init.pdparams",
+                  partial=("backbone",))
+    assert rep.ok and rep.flavour == "hrnet-imagenet"
+    drops = {r.source: r.reason for r in rep.rows if r.action == "drop"}
+    assert {k for k in drops if "classification head" in drops[k]} == set(head)
+    moved = {r.source: r.target for r in rep.rows if r.action in ("copy", "rename")}
+    assert moved["stage3.3.fuse_layers.2.0.0.1.weight"] == "backbone.stage3.3.fuse_layers.2.0.0.1.weight"
+    assert moved["bn2.running_mean"] == "backbone.bn2._mean"
+    written = paddle.load(str(tmp_path / "init.pdparams"), return_numpy=True)
+    assert set(written) == {moved[k] for k in moved}  # the trunk, nothing else; the PSA blocks keep their init
+    np.testing.assert_array_equal(written["backbone.layer1.3.conv3.weight"], sd["layer1.3.conv3.weight"].numpy())
+
+
 # ------------------------------------------------------------------------------------------------ loss terms
 def test_loss_terms_follow_mscale():
     terms = resolve_loss(None, SPEC, {"mscale": True})

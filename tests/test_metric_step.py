@@ -340,3 +340,39 @@ def test_tie_tolerance_follows_the_forward_policy(tmp_path, monkeypatch):
         _fake_logits(monkeypatch, lt, lp)
         results[label] = metric_step.run(ctx).passed
     assert results == {"shipped": False, "forward_logits": True, "forward_other_key": False, "metric_step": False}
+
+
+# ------------------------------------------------------------------------------------- exact quotients
+def test_paddle_divide_is_not_correctly_rounded_and_the_metrics_do_not_use_it():
+    """Paddle's CPU divide leaves some quotients one ulp from IEEE division (torch, numpy); the metric step compares
+    with atol 0, so the Paddle metrics must not inherit that: every metric equals a numpy float64 computation bit
+    for bit, on confusion matrices whose IoU quotients Paddle's own divide gets wrong."""
+    big = np.random.default_rng(1).random(100_000) + 0.5
+    raw = (paddle.to_tensor(big[::-1].copy()) / paddle.to_tensor(big)).numpy()
+    assert (raw != big[::-1] / big).sum() > 10  # the trap (measured ~0.1% of float64 quotients here)
+    rng = np.random.default_rng(0)
+    caught = []
+    for _ in range(5000):  # confusion matrices on which Paddle's divide misses the IEEE IoU
+        cm = rng.integers(0, 500, size=(19, 19))
+        tp = np.diag(cm).astype(np.float64)
+        union = cm.sum(0) + cm.sum(1) - tp
+        if ((paddle.to_tensor(tp) / paddle.to_tensor(union)).numpy() != tp / union).any():
+            caught.append(cm)
+            if len(caught) == 3:
+                break
+    assert caught, "no confusion matrix reproduced Paddle's inexact divide"
+    for cm in caught:
+        tp = np.diag(cm).astype(np.float64)
+        union = cm.sum(0) + cm.sum(1) - tp
+        got = pmetrics.metrics_from_confusion(paddle.to_tensor(cm))
+        np.testing.assert_array_equal(got["IoU"].numpy(), tp / union)
+        np.testing.assert_array_equal(got["recall"].numpy(), tp / cm.sum(1))
+        np.testing.assert_array_equal(got["Dice"].numpy(), 2 * tp / (tp + union))
+        ref = torch_metrics(torch.from_numpy(cm))
+        for key in ("mIoU", "Acc", "mAcc", "Kappa", "mDice"):
+            assert float(got[key]) == float(ref[key]), key
+
+
+def torch_metrics(cm):
+    from torch_ref.metrics import metrics_from_confusion
+    return metrics_from_confusion(cm)

@@ -386,3 +386,8 @@ def init_kaiming_normal_(param, mode: str) -> None:
 def init_torch_default_bias_(conv) -> None:
     """A conv's bias (when it has one) as torch's Conv2d initialises it: U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Here a
     no-op: torch drew it so at construction, and drawing nothing keeps the random stream identical to upstream's."""
+
+
+def exact_divide(a, b):
+    """a / b correctly rounded (IEEE): torch's divide is (its twin in paddle_impl/layers.py needs numpy for it)."""
+    return a / b

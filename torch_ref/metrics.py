@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .layers import exact_divide
+
 
 def confusion_matrix(pred, target, num_classes: int, ignore_index: int = 255):
     """pred, target: int tensors of equal shape -> (num_classes, num_classes) int64."""
@@ -28,7 +30,7 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int = 255):
 
 
 def _safe_div(a, b):
-    return torch.where(b > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.zeros_like(a))
+    return torch.where(b > 0, exact_divide(a, torch.where(b > 0, b, torch.ones_like(b))), torch.zeros_like(a))
 
 
 def _ordered_sum(v):

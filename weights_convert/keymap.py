@@ -104,6 +104,10 @@ class SourceFlavour:
     fill: Optional[Callable[[str], Optional[tuple]]] = None
 
 
+def _first_match(rules, key: str) -> Optional[str]:
+    return next((reason for pattern, reason in rules if re.fullmatch(pattern, key)), None)
+
+
 @dataclass(frozen=True)
 class ModelKeymap:
     """Everything model-specific the converter needs (plain data + two small functions)."""
@@ -115,13 +119,17 @@ class ModelKeymap:
     # ((regex, reason), ...): source keys of the official format that the model never had a use for; they are
     # dropped by this explicit rule (each one reported with the reason), never silently. Full-key match.
     ignored: tuple = ()
+    # ((regex, reason), ...): twin keys inside a --partial scope that a pretrained init may lack (HRNet's PSA blocks
+    # in a PSA-less HRNet file); a partial conversion reports them keep-init with the reason. Full-key match.
+    init_keeps: tuple = ()
 
     def ignore_reason(self, source_key: str) -> Optional[str]:
         """The reason `source_key` is dropped by an `ignored` rule, or None when no rule matches it."""
-        for pattern, reason in self.ignored:
-            if re.fullmatch(pattern, source_key):
-                return reason
-        return None
+        return _first_match(self.ignored, source_key)
+
+    def init_keep_reason(self, twin_key: str) -> Optional[str]:
+        """The reason a partial init may leave `twin_key` at the twin's own initialisation, or None."""
+        return _first_match(self.init_keeps, twin_key)
 
     def to_paddle(self, torch_key: str) -> Optional[str]:
         key = torch_to_paddle_key(torch_key)
@@ -276,8 +284,39 @@ CAFFE2_IMAGENET_RESNET = SourceFlavour(
     fill=_caffe2_resnet_fill,
 )
 
+# --------------------------------------------------------------------------------------------------------------------
+# hrnet_ocr_psa: HRNet-Image-Classification's ImageNet HRNetV2 (hrnetv2_w48_imagenet_pretrained.pth)
+
+_HRNET_TRUNK = re.compile(r"(conv[12]|bn[12]|layer1|transition[1-3]|stage[2-4])\..+")
+_HRNET_CLS_HEAD = re.compile(r"(incre_modules|downsamp_modules|final_layer|classifier)\..+")
+
+
+def _hrnet_imagenet_detect(keys: Sequence[str]) -> bool:
+    ks = set(keys)
+    return "stage2.0.branches.0.0.conv1.weight" in ks and "backbone.conv1.weight" not in ks
+
+
+def _hrnet_imagenet_map(key: str) -> tuple:
+    if _HRNET_CLS_HEAD.fullmatch(key):
+        return None, ("drop: HRNet's ImageNet classification head (incre_modules / downsamp_modules / final_layer / "
+                      "classifier), not part of HRNetV2's segmentation trunk")
+    if _HRNET_TRUNK.fullmatch(key):
+        return "backbone." + key, "ImageNet HRNetV2 trunk -> `backbone.`"
+    return key, ""  # unknown: reported as unused by the plan
+
+
+HRNET_IMAGENET = SourceFlavour(
+    name="hrnet-imagenet",
+    description="HRNet-Image-Classification's ImageNet HRNetV2 (conv1/bn1/conv2/bn2/layer1/transition1-3/stage2-4 "
+                "at the top level, plus its classification head incre_modules/downsamp_modules/final_layer/"
+                "classifier): the trunk moved under `backbone.`, the classification head dropped",
+    detect=_hrnet_imagenet_detect,
+    map_key=_hrnet_imagenet_map,
+)
+
 #: flavour name (a spec's `source_flavours`) -> SourceFlavour
-FLAVOURS = {f.name: f for f in (SEMSEG_IMAGENET_RESNET, TORCHVISION_IMAGENET_RESNET, CAFFE2_IMAGENET_RESNET)}
+FLAVOURS = {f.name: f for f in (SEMSEG_IMAGENET_RESNET, TORCHVISION_IMAGENET_RESNET, CAFFE2_IMAGENET_RESNET,
+                                HRNET_IMAGENET)}
 
 
 def keymap_from_spec(spec) -> ModelKeymap:
@@ -300,6 +339,7 @@ def keymap_from_spec(spec) -> ModelKeymap:
         flavours=tuple(FLAVOURS[f] for f in spec.source_flavours),
         infer_partial_config=infer_partial_config,
         ignored=tuple(spec.ignored_keys),
+        init_keeps=tuple(spec.init_keeps),
     )
 
 
@@ -413,6 +453,11 @@ def plan_conversion(torch_module, source_keys_and_shapes, keymap: Optional[Model
             rows.append(KeyAction(skey, pkey, sshape, None, dtypes.get(skey), "unused",
                                   f"the Paddle twin has no key {pkey!r}"))
             continue
+        if partial and not pkey.startswith(tuple(partial)):
+            rows.append(KeyAction(skey, None, sshape, None, dtypes.get(skey), "drop",
+                                  f"outside --partial {', '.join(partial)}: not converted (the twin's "
+                                  f"{pkey!r} keeps its initialisation)"))
+            continue
         tshape = target_shapes[pkey]
         if pkey in filled:
             rows.append(KeyAction(skey, pkey, sshape, tshape, dtypes.get(skey), "duplicate",
@@ -445,6 +490,9 @@ def plan_conversion(torch_module, source_keys_and_shapes, keymap: Optional[Model
         if partial and not any(tkey.startswith(p) for p in partial):
             rows.append(KeyAction(None, tkey, None, tshape, target_dtypes.get(tkey), "keep-init",
                                   f"outside --partial {', '.join(partial)}: keeps the twin's initialisation"))
+        elif partial and keymap.init_keep_reason(tkey) is not None:
+            rows.append(KeyAction(None, tkey, None, tshape, target_dtypes.get(tkey), "keep-init",
+                                  keymap.init_keep_reason(tkey)))
         elif flavour is not None and flavour.fill is not None and flavour.fill(tkey) is not None:
             value, why = flavour.fill(tkey)
             rows.append(KeyAction(None, tkey, None, tshape, target_dtypes.get(tkey), "fill", f"= {value}: {why}"))

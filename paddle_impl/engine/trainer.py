@@ -703,6 +703,10 @@ class Trainer:
         np.random.seed(self.seed)
         paddle.seed(self.seed)
         self.model = cfg.build_model()
+        if cfg.init_kept:
+            reasons = sorted(set(cfg.init_kept.values()))
+            self.log.info(f"model.backbone_pretrained: {len(cfg.init_kept)} backbone keys not in the file keep "
+                          f"their initialisation ({'; '.join(reasons)}), e.g. {next(iter(cfg.init_kept))}")
         if self.world_size > 1 and self.on_gpu:
             self.model = convert_sync_batchnorm(self.model)
         self.optimizer = cfg.build_optimizer(self.model)
