@@ -20,6 +20,7 @@ import paddle.nn.functional as F
 import paddle_impl.checkpoint as pcheckpoint
 import paddle_impl.layers as players
 import paddle_impl.models.pspnet as ppspnet
+from tests.ckpt_factory import shrink_artifacts
 
 SMALL = "2,3,33,33"
 
@@ -86,7 +87,8 @@ def _pixel_cross_entropy_last_axis(logits, label, ignore_index, weight=None):
 @pytest.fixture(scope="module")
 def clean_small(tmp_path_factory):
     out = tmp_path_factory.mktemp("clean")
-    return _run(out, ("forward", "loss", "backward", "metric")), out
+    yield _run(out, ("forward", "loss", "backward", "metric")), out
+    shrink_artifacts(out)
 
 
 def test_clean_port_passes_every_step(clean_small):
@@ -161,7 +163,7 @@ def test_catches_align_corners_flipped_in_ppm(tmp_path, monkeypatch):
 
 def test_catches_bn_momentum_not_mapped(tmp_path, monkeypatch):
     monkeypatch.setattr(players.BatchNorm2d, "forward", _bn_forward(momentum_unmapped=True, biased=False))
-    v = _run(tmp_path, ("forward", "loss", "backward"))
+    v = _run(tmp_path, ("forward", "loss", "backward"), iters=1)  # the first update shows it
     assert v["steps"]["forward"]["passed"] and v["steps"]["loss"]["passed"]
     assert _first_failed_step(v) == "backward"
     assert v["steps"]["backward"]["first_divergent"] == "layer0.1"
@@ -171,7 +173,7 @@ def test_catches_bn_momentum_not_mapped(tmp_path, monkeypatch):
 
 def test_catches_biased_running_variance(tmp_path, monkeypatch):
     monkeypatch.setattr(players.BatchNorm2d, "forward", _bn_forward(momentum_unmapped=False, biased=True))
-    v = _run(tmp_path, ("forward", "loss", "backward"))
+    v = _run(tmp_path, ("forward", "loss", "backward"), iters=1)  # the first update shows it
     assert v["steps"]["forward"]["passed"] and v["steps"]["loss"]["passed"]
     assert _first_failed_step(v) == "backward"
     assert v["steps"]["backward"]["first_divergent"] == "layer0.1"

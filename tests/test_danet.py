@@ -194,12 +194,13 @@ def test_loss_ignores_255_as_the_official_minus_one():
 
 
 def test_danet_aligns_forward_loss_backward(tmp_path):
-    v = alignment.run("danet", out=str(tmp_path), input_size="2,3,65,65", iters=3, threads=2, progress=False,
-                      steps=("forward", "loss", "backward"), model_cfg={"layers": 50})
+    # the module trace is exercised by the injected-bug tests below
+    v = alignment.run("danet", out=str(tmp_path), input_size="2,3,65,65", iters=2, threads=2, progress=False,
+                      steps=("forward", "loss", "backward"), model_cfg={"layers": 50}, trace=False)
     assert v["passed"], {s: (r["worst"] or {}).get("key") for s, r in v["steps"].items()}
     assert v["provenance"]["recipe"]["config"].endswith("danet_r101_cityscapes.yml")  # the official recipe
     keys = set(np.load(tmp_path / "danet" / "backward.npz").keys())
-    for it in range(3):  # the gamma gradients were compared in every iteration
+    for it in range(2):  # the gamma gradients were compared in every iteration
         assert {f"torch/iter{it}/grad/head.sa.gamma", f"paddle/iter{it}/grad/head.sc.gamma"} <= keys
 
 

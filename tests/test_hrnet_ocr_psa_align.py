@@ -15,6 +15,7 @@ paddle = pytest.importorskip("paddle")
 torch = pytest.importorskip("torch")
 
 import alignment  # noqa: E402
+from tests.ckpt_factory import shrink_artifacts  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,8 @@ def clean(tmp_path_factory):
     # no trace here: the bug tests below check the trace's module names (NVIDIA's paths)
     v = alignment.run("hrnet_ocr_psa", out=str(out), steps=("forward", "loss", "schedule", "backward"), iters=2,
                       threads=2, progress=False, trace=False)
-    return v, out
+    yield v, out
+    shrink_artifacts(out)
 
 
 def test_default_psa_p_mscale_passes(clean):
@@ -115,7 +117,8 @@ def plain_p(tmp_path_factory):
     v = alignment.run("hrnet_ocr_psa", out=str(out), steps=("forward",), iters=1, threads=2, progress=False,
                       input_size="2,3,64,64", model_cfg={"psa": "p", "mscale": False}, keep_weights=True)
     assert v["passed"] and v["trace"]["first_divergent_forward"] is None, v["trace"]
-    return str(out / "hrnet_ocr_psa" / "weights" / "hrnet_ocr_psa_random_official.pth")
+    yield str(out / "hrnet_ocr_psa" / "weights" / "hrnet_ocr_psa_random_official.pth")
+    shrink_artifacts(out)
 
 
 def _failed(v, step):

@@ -26,6 +26,7 @@ import paddle_impl.models.pointrend as ppr  # noqa: E402
 import torch_ref  # noqa: E402
 wconvert = importlib.import_module("weights_convert.convert")  # the package re-exports a function of that name
 from torch_ref.official import save_official  # noqa: E402
+from tests.ckpt_factory import shrink_artifacts  # noqa: E402
 from weights_convert import ConversionError, convert  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -45,7 +46,8 @@ def _failed(v, step):
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
     out = tmp_path_factory.mktemp("clean")
-    return alignment.run("pointrend", out=str(out), threads=2, progress=False, iters=2), out
+    yield alignment.run("pointrend", out=str(out), threads=2, progress=False, iters=2), out
+    shrink_artifacts(out)
 
 
 def test_official_r101_passes_every_step(clean):

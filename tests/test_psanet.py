@@ -73,11 +73,13 @@ CASES = [
 
 @pytest.mark.parametrize("cfg,size", CASES, ids=[f"{c}-{s}" for c, s in CASES])
 def test_psanet_aligns_forward_loss_backward(tmp_path, cfg, size):
-    v = alignment.run("psanet", out=str(tmp_path), input_size=size, iters=3, threads=2, progress=False,
-                      steps=("forward", "loss", "backward"), model_cfg=cfg)
+    # 2 lockstep iterations (the second one steps from a non-zero momentum); the module trace is exercised by the
+    # injected-bug tests below, which assert the module it names
+    v = alignment.run("psanet", out=str(tmp_path), input_size=size, iters=2, threads=2, progress=False,
+                      steps=("forward", "loss", "backward"), model_cfg=cfg, trace=False)
     assert v["passed"], {s: (r["worst"] or {}).get("key") for s, r in v["steps"].items()}
     # the gradients that flow through the op were compared
-    assert v["steps"]["backward"]["keys"] > 3 * 300
+    assert v["steps"]["backward"]["keys"] > 2 * 300
     # under the official recipe config (tests/test_recipe.py aligns the other shipped configs)
     assert v["provenance"]["recipe"]["config"].endswith("psanet_r50_cityscapes_1024x512_80k.yml")
 
