@@ -562,3 +562,46 @@ def exact_divide(a, b):
     is not differentiable."""
     a_np, b_np = np.broadcast_arrays(a.numpy(), b.numpy())
     return paddle.to_tensor(np.divide(a_np, b_np).astype(a_np.dtype), place=a.place)
+
+
+# ---- DANet's memory-efficient position attention (models/danet.py, pam_impl="efficient") ------------------------
+#: the byte budget of one block's (N, rows, HW) energy map in `position_attention`: rows of the query per block =
+#: max(1, PAM_BLOCK_BYTES // (N * HW * itemsize)); 64 MiB is 512 rows of a 128x256 map (N=1, float32)
+PAM_BLOCK_BYTES = 64 * 2 ** 20
+
+
+def _attend_rows(query_rows, key, value):
+    """One block of `position_attention`: query_rows (N, B, d) -> (N, C, B). Its maps are locals, released on
+    return (when autograd does not keep them)."""
+    attention = F.softmax(paddle.matmul(query_rows, key), axis=-1)               # (N, B, HW)
+    return paddle.matmul(value, attention, transpose_y=True)
+
+
+def position_attention(query, key, value):
+    """DANet's position attention without the whole (N, HW, HW) map at once.
+
+    query (N, HW, d), key (N, d, HW), value (N, C, HW) -> (N, C, HW), where
+        out[n, c, p] = sum_j value[n, c, j] * softmax_j(query[n, p, :] . key[n, :, j])
+    with no 1/sqrt(d) scaling and the softmax over the keys j: the reference path's
+    bmm(value, softmax(bmm(query, key), -1)^T), equal to it up to rounding.
+
+    Paddle's fused attention kernels are GPU-only, so this goes by blocks of query rows: for rows p0..p1 the energy
+    (N, B, HW) and its softmax are formed, multiplied into value, and the (N, C, B) pieces concatenated. Each row's
+    softmax needs that row only, so the blocks are exact. B = max(1, PAM_BLOCK_BYTES // (N * HW * itemsize)).
+
+    Memory: under no_grad (inference) at most one block's energy and attention are alive, about 2 * PAM_BLOCK_BYTES,
+    plus the output and its pieces (2 x N * C * HW). With gradients it is NOT memory-efficient: autograd keeps every
+    block's attention for the backward, i.e. the whole (N, HW, HW) map in pieces, as the reference keeps it; what is
+    saved is the reference's full-size energy map and the transposed copy of its attention.
+    Measured (Paddle 3.3.1 CPU, 1 thread): PAM(64) on a (1, 64, 64, 128) input, HW = 8192, one map 256 MiB in
+    float32 and 512 MiB in float64, the default budget (4 blocks in float32, 8 in float64); peak RSS growth over the
+    call read from /proc/self/status (VmHWM) in a fresh process:
+        float32  no_grad forward: reference 782 MiB, this 142 MiB;   forward + backward: 1055 MiB vs 608 MiB
+        float64  no_grad forward: reference 1554 MiB, this 147 MiB;  forward + backward: 2072 MiB vs 1121 MiB
+    """
+    n, hw = int(query.shape[0]), int(query.shape[1])
+    rows = max(1, PAM_BLOCK_BYTES // (n * hw * query.element_size()))
+    if rows >= hw:
+        return _attend_rows(query, key, value)
+    return paddle.concat([_attend_rows(query[:, start:start + rows, :], key, value)
+                          for start in range(0, hw, rows)], axis=2)

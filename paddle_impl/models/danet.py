@@ -17,6 +17,11 @@ Oddities of the official code reproduced on purpose:
 * gamma * out + x with gamma initialised to 0: an untrained model ignores both attentions;
 * the forward returns (sasc, sa, sc), each upsampled to the input size with align_corners=True; the official returns
   the tuple in eval mode too and its evaluator keeps [0], which is what eval mode returns here.
+
+`pam_impl` (not in the official code) picks how PAM computes its output: "reference" (default) is the official
+sequence above, which holds the (N, HW, HW) energy and attention maps; "efficient" computes the same output with
+`L.position_attention`, which never builds the whole map at once (the `position_attention` docstring of each
+layers.py says what stays in memory in training).
 """
 from __future__ import annotations
 
@@ -35,11 +40,27 @@ def _classifier(in_dim: int, num_classes: int, dropout: float):
     return L.Sequential(L.Dropout2d(dropout), L.Conv2d(in_dim, num_classes, 1))
 
 
-class PAM(L.Module):
-    """Position attention: x (N, C, H, W) -> gamma * (V attention^T) + x, attention (N, HW, HW) over positions."""
+#: the position-attention implementations (`pam_impl`): the official map-building one, and one equal to it that
+#: never holds the (N, HW, HW) map
+PAM_IMPLS = ("reference", "efficient")
 
-    def __init__(self, in_dim: int):
+
+def check_pam_impl(impl) -> str:
+    """`impl` when it names a PAM implementation; ValueError otherwise."""
+    if impl not in PAM_IMPLS:
+        raise ValueError(f"pam_impl must be one of {', '.join(repr(i) for i in PAM_IMPLS)}, got {impl!r}")
+    return impl
+
+
+class PAM(L.Module):
+    """Position attention: x (N, C, H, W) -> gamma * (V attention^T) + x, attention (N, HW, HW) over positions.
+
+    impl "reference" builds the attention map as the official code does; "efficient" gets the same product from
+    `L.position_attention` without building the whole map at once (same parameters, same output up to rounding)."""
+
+    def __init__(self, in_dim: int, impl: str = "reference"):
         super().__init__()
+        self.impl = check_pam_impl(impl)
         self.query_conv = L.Conv2d(in_dim, in_dim // 8, 1)
         self.key_conv = L.Conv2d(in_dim, in_dim // 8, 1)
         self.value_conv = L.Conv2d(in_dim, in_dim, 1)
@@ -49,10 +70,14 @@ class PAM(L.Module):
         n, c, h, w = L.sizes(x)
         query = L.swap_dims_1_2(L.reshape(self.query_conv(x), (n, -1, h * w)))  # (N, HW, C/8)
         key = L.reshape(self.key_conv(x), (n, -1, h * w))                        # (N, C/8, HW)
-        energy = L.bmm(query, key)                                               # (N, HW, HW), no scaling
-        attention = L.softmax(energy, -1)
-        value = L.reshape(self.value_conv(x), (n, -1, h * w))                    # (N, C, HW)
-        out = L.reshape(L.bmm(value, L.swap_dims_1_2(attention)), (n, c, h, w))
+        if self.impl == "reference":
+            energy = L.bmm(query, key)                                           # (N, HW, HW), no scaling
+            attention = L.softmax(energy, -1)
+            value = L.reshape(self.value_conv(x), (n, -1, h * w))                # (N, C, HW)
+            out = L.reshape(L.bmm(value, L.swap_dims_1_2(attention)), (n, c, h, w))
+        else:
+            value = L.reshape(self.value_conv(x), (n, -1, h * w))                # (N, C, HW)
+            out = L.reshape(L.position_attention(query, key, value), (n, c, h, w))
         return self.gamma * out + x
 
 
@@ -79,12 +104,13 @@ class CAM(L.Module):
 class DANetHead(L.Module):
     """layer4 features (N, 2048, h, w) -> (sasc, sa, sc) logits, each (N, classes, h, w)."""
 
-    def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.1, bn_momentum: float = 0.1):
+    def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.1, bn_momentum: float = 0.1,
+                 pam_impl: str = "reference"):
         super().__init__()
         inter = in_channels // 4
         self.conv5a = _conv_bn_relu(in_channels, inter, bn_momentum)
         self.conv5c = _conv_bn_relu(in_channels, inter, bn_momentum)
-        self.sa = PAM(inter)
+        self.sa = PAM(inter, impl=pam_impl)
         self.sc = CAM()
         self.conv51 = _conv_bn_relu(inter, inter, bn_momentum)
         self.conv52 = _conv_bn_relu(inter, inter, bn_momentum)
@@ -105,13 +131,14 @@ class DANet(L.Module):
     model_name = "DANet"
 
     def __init__(self, num_classes: int = 19, layers: int = 101, multi_grid: Optional[Sequence[int]] = (4, 8, 16),
-                 dropout: float = 0.1, bn_momentum: float = 0.1):
+                 dropout: float = 0.1, bn_momentum: float = 0.1, pam_impl: str = "reference"):
         super().__init__()
         self.num_classes = num_classes
+        self.pam_impl = check_pam_impl(pam_impl)  # before the backbone is built: a bad value fails at once
         self.pretrained = ResNet(layers, deep_base=False, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4),
                                  multi_grid=tuple(multi_grid) if multi_grid else None, contract_dilation=True,
                                  bn_momentum=bn_momentum)
-        self.head = DANetHead(2048, num_classes, dropout, bn_momentum)
+        self.head = DANetHead(2048, num_classes, dropout, bn_momentum, pam_impl)
 
     def forward(self, x):
         """x: (N, 3, H, W) normalised RGB, any size.
