@@ -23,6 +23,7 @@ from paddle_impl.checkpoint import strict_load  # noqa: E402
 from torch_ref.official import CheckpointError, read_checkpoint, save_official  # noqa: E402
 from weights_convert import convert  # noqa: E402
 from weights_convert.keymap import torch_to_paddle_key  # noqa: E402
+from tests.ckpt_factory import shrink_artifacts  # noqa: E402
 
 SPEC = get_spec("hrnet_ocr_psa")
 
@@ -134,7 +135,9 @@ def mapillary_like(tmp_path_factory):
     `ocrnet.HRNet_industrious-chicken.pth`, the seed recipe's init (random weights: no network)."""
     torch.manual_seed(2)
     model = torch_ref.build_model("hrnet_ocr_psa", num_classes=65, psa=None, mscale=True)
-    return model.state_dict(), save_official("hrnet_ocr_psa", model, tmp_path_factory.mktemp("init") / "chicken.pth")
+    out = tmp_path_factory.mktemp("init")
+    yield model.state_dict(), save_official("hrnet_ocr_psa", model, out / "chicken.pth")
+    shrink_artifacts(out)
 
 
 @pytest.mark.slow
