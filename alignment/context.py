@@ -223,8 +223,8 @@ class Context:
     def reset(self) -> None:
         self.models("float32")
 
-    def compare(self, step: str, key: str, actual, expected) -> CompareResult:
-        return self.policy.compare(actual, expected, model=self.name, step=step, key=key)
+    def compare(self, step: str, key: str, actual, expected, floor=None) -> CompareResult:
+        return self.policy.compare(actual, expected, model=self.name, step=step, key=key, floor=floor)
 
     def torch_inputs(self, dtype: str = "float32"):
         import torch

@@ -6,6 +6,14 @@ with a REQUIRED measured reason, evaluated in order with the LAST match winning 
 
 Integer and bool dtypes are exact: an override applies to them only when it names that dtype explicitly, so a
 ``step: metric`` override written for float mIoU can never loosen the integer confusion matrix.
+
+Reference floor: an override may carry ``floor: F`` (a factor >= 1). A step that measures how far the torch
+reference moves against ITSELF on the compared quantity (the same state evaluated through different kernels, e.g.
+a channels_last copy) passes that measurement to :meth:`Policy.compare`; the tolerance then becomes
+``atol = max(atol, F x floor)`` and the result's reason states the measured floor. Where the step measures nothing
+the override's own ``atol`` applies unchanged. This is for quantities the reference itself cannot reproduce to the
+policy's tolerance (an ill-conditioned network state), never a way around a port difference: the floor is measured
+in the same run, on torch alone.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ MIN_REASON_LEN = 10
 
 _TOP_FIELDS = ("version", "defaults", "overrides")
 _DEFAULT_FIELDS = ("rtol", "atol", "reason", "nan_policy")
-_OVERRIDE_FIELDS = ("model", "step", "key", "dtype", "rtol", "atol", "nan_policy", "reason")
+_OVERRIDE_FIELDS = ("model", "step", "key", "dtype", "rtol", "atol", "nan_policy", "floor", "reason")
 _GLOB_CHARS = set("*?[")
 
 
@@ -50,6 +58,7 @@ class Tolerance:
     reason: str
     nan_policy: str = "fail"
     source: str = "default"  # "default" or "override #i (file:line)"
+    floor: Optional[float] = None  # factor on the reference's own measured variation (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,7 @@ class _Override:
     nan_policy: Optional[str]
     reason: str
     where: str
+    floor: Optional[float] = None
 
     def matches(self, model: str, step: str, key: str, dtype: str) -> bool:
         if self.dtype is None:
@@ -263,18 +273,31 @@ class Policy:
             if o.matches(model, step, key, name):
                 rtol, atol = (o.rtol, o.atol) if o.rtol is not None else (base.rtol, base.atol)
                 return Tolerance(rtol=rtol, atol=atol, reason=o.reason,
-                                 nan_policy=o.nan_policy or base.nan_policy, source=o.where)
+                                 nan_policy=o.nan_policy or base.nan_policy, source=o.where, floor=o.floor)
         return base
 
     def tolerance_for(self, model: str, step: str) -> Callable[[str, str], Tolerance]:
         """A ``tolerance_for(key, dtype)`` callable for :func:`alignment.compare.compare_dicts`."""
         return lambda key, dtype: self.lookup(model, step, key, dtype)
 
-    def compare(self, actual: Any, expected: Any, *, model: str, step: str, key: str) -> CompareResult:
-        """Compare under this policy; the tolerance is looked up by the EXPECTED (torch) array's dtype."""
+    def compare(self, actual: Any, expected: Any, *, model: str, step: str, key: str,
+                floor: Optional[float] = None) -> CompareResult:
+        """Compare under this policy; the tolerance is looked up by the EXPECTED (torch) array's dtype.
+
+        `floor`: the torch reference's own variation on this quantity, measured by the step; it raises atol only
+        where the matching override carries a ``floor`` factor (module docstring)."""
         a, b = to_numpy_with_dtype(actual), to_numpy_with_dtype(expected)
         tol = self.lookup(model, step, key, b.dtype)
-        return compare(a, b, key=key, rtol=tol.rtol, atol=tol.atol, reason=tol.reason, nan_policy=tol.nan_policy,
+        atol, reason = tol.atol, tol.reason
+        if floor is not None:
+            floor = _number(floor, f"measured reference floor for {model}/{step}/{key}")
+            if tol.floor is not None and tol.floor * floor > atol:
+                atol = tol.floor * floor
+                reason = (f"{reason} [reference floor measured in this run: torch moves by {floor:.3g} against "
+                          f"itself; atol = {tol.floor:g} x floor = {atol:.3g}]")
+            elif tol.floor is not None:
+                reason = f"{reason} [reference floor measured in this run: {floor:.3g}, below the policy's atol]"
+        return compare(a, b, key=key, rtol=tol.rtol, atol=atol, reason=reason, nan_policy=tol.nan_policy,
                        tolerance_source=tol.source)
 
     def compare_dicts(self, actual: Mapping[str, Any], expected: Mapping[str, Any], *, model: str,
@@ -289,7 +312,7 @@ class Policy:
             "defaults": {k: {"rtol": t.rtol, "atol": t.atol, "nan_policy": t.nan_policy, "reason": t.reason}
                          for k, t in self.defaults.items()},
             "overrides": [{f: getattr(o, f) for f in ("model", "step", "key", "dtype", "rtol", "atol", "nan_policy",
-                                                      "reason", "where")} for o in self.overrides],
+                                                      "floor", "reason", "where")} for o in self.overrides],
         }
 
 
@@ -327,12 +350,16 @@ def _parse_override(o: Any, i: int, source: str, line: Optional[int]) -> _Overri
     reason = _reason(o.get("reason"), what)
     rtol, atol = _pair(o, what)
     nan_policy = _nan_policy(o["nan_policy"], what) if "nan_policy" in o else None
-    if rtol is None and nan_policy is None:
-        raise PolicyError(f"{what}: changes nothing; give 'rtol' and 'atol', or 'nan_policy'")
+    floor = _number(o["floor"], f"{what}: field 'floor'") if "floor" in o else None
+    if floor is not None and floor < 1.0:
+        raise PolicyError(f"{what}: field 'floor' is a factor on the reference's own measured variation and must "
+                          f"be >= 1, got {floor!r}")
+    if rtol is None and nan_policy is None and floor is None:
+        raise PolicyError(f"{what}: changes nothing; give 'rtol' and 'atol', 'nan_policy' or 'floor'")
     return _Override(
         index=i,
         model=_glob(o.get("model", "*"), what, "model"),
         step=_step_glob(o.get("step", "*"), what),
         key=_glob(o.get("key", "*"), what, "key"),
         dtype=_dtype(o["dtype"], what) if "dtype" in o else None,
-        rtol=rtol, atol=atol, nan_policy=nan_policy, reason=reason, where=where)
+        rtol=rtol, atol=atol, nan_policy=nan_policy, reason=reason, where=where, floor=floor)

@@ -56,6 +56,17 @@ def test_shipped_yaml_loads_with_torch_table_and_measured_overrides_only() -> No
     assert p.lookup("pspnet", "backward", "eval_logits_after", "float64").source.startswith("override")
 
 
+def test_readme_override_table_has_a_row_per_shipped_override() -> None:
+    rows = [line for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+            if line.startswith("| `") and " / " in line.split("|")[1]]
+    for o in Policy.load().overrides:
+        head = f"`{o.model}` / {o.step} / "
+        hits = [r for r in rows if r.split("|")[1].strip().startswith(head) and f"`{o.key}`" in r.split("|")[1]]
+        assert hits, f"README's override table has no row for {o.model} / {o.step} / {o.key}"
+        if o.floor is not None:
+            assert f"floor ×{o.floor:g}" in hits[0], hits[0]
+
+
 def test_lookup_on_int_dtype_is_exact_even_with_wildcard_override() -> None:
     p = Policy.from_dict(base(ov()))  # model/step/key all "*"
     assert p.lookup("pspnet", "metric", "confusion", "int64") == p.default_for("int64")
@@ -213,6 +224,70 @@ def test_policy_compare_uses_expected_dtype_and_reason() -> None:
     assert not p.compare(a, b, model="danet", step="forward", key="logits").passed
     res = p.compare_dicts({"logits": a, "aux": a}, {"logits": b, "aux": b}, model="pspnet", step="forward")
     assert [r.passed for r in res] == [True, False]
+
+
+def test_reference_floor_raises_atol_only_where_the_override_asks_and_says_so() -> None:
+    p = Policy.from_dict(base(ov(model="m", step="backward", key="eval*", rtol=0.0, atol=1e-3, floor=2.0,
+                                 reason="measured: the reference moves against itself")))
+    b = np.zeros(4, np.float64)
+    a = b + 0.5
+    # without a measured floor the override's own atol applies
+    r = p.compare(a, b, model="m", step="backward", key="eval_logits_after")
+    assert not r.passed and r.atol == 1e-3
+    # a floor of 0.3 -> atol 0.6 covers 0.5, and the reason carries the measurement
+    r = p.compare(a, b, model="m", step="backward", key="eval_logits_after", floor=0.3)
+    assert r.passed and r.atol == pytest.approx(0.6) and "0.3" in r.tolerance_reason
+    # a floor of 0.2 -> atol 0.4 does not: the twin is further off than twice torch's own variation
+    assert not p.compare(a, b, model="m", step="backward", key="eval_logits_after", floor=0.2).passed
+    # a floor below the override's atol changes nothing
+    r = p.compare(b + 5e-4, b, model="m", step="backward", key="eval_logits_after", floor=1e-6)
+    assert r.passed and r.atol == 1e-3 and "below the policy's atol" in r.tolerance_reason
+    # a key whose override has no floor factor ignores a measured floor
+    r = p.compare(a, b, model="other", step="backward", key="eval_logits_after", floor=10.0)
+    assert not r.passed and r.atol == 1e-7
+
+
+@pytest.mark.parametrize("floor", [0.5, -1.0, "2", float("nan")])
+def test_floor_factor_must_be_a_number_at_least_one(floor: Any) -> None:
+    with pytest.raises(PolicyError, match="floor"):
+        Policy.from_dict(base(ov(floor=floor)))
+
+
+def test_shipped_floor_factors_are_where_the_reference_was_measured_ill_conditioned() -> None:
+    p = Policy.load()
+    floors = [(o.model, o.step, o.key, o.floor) for o in p.overrides if o.floor is not None]
+    assert floors == [("hrnet_ocr_psa", "backward", "eval_logits_after", 3.0)]
+
+
+def test_backward_step_floor_is_torch_against_itself_in_other_layouts_and_thread_counts() -> None:
+    import torch
+
+    from alignment.steps.backward import reference_floor
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)).double()
+    x = torch.randn(2, 3, 9, 11, dtype=torch.float64)
+    with torch.no_grad():
+        out = net(x)
+    floor = reference_floor(net, x, out)
+    assert 0.0 <= floor < 1e-12  # a well-conditioned float64 net reproduces itself
+    assert net[0].weight.is_contiguous()  # the measurement ran on a copy: the model keeps its memory format
+    threads = torch.get_num_threads()
+
+    class Layout(torch.nn.Module):  # an output that depends on the memory format: the copy must really be evaluated
+        def forward(self, t):
+            return t * (2.0 if t.is_contiguous(memory_format=torch.channels_last) else 1.0)
+
+    assert reference_floor(Layout(), x, Layout()(x)) == pytest.approx(float(x.abs().max()))
+
+    class Threads(torch.nn.Module):  # an output that depends on the thread count: the other count must really run
+        def forward(self, t):
+            return t * torch.get_num_threads()
+
+    out = Threads()(x)
+    other = 2 if threads == 1 else 1
+    assert reference_floor(Threads(), x, out) == pytest.approx(float(x.abs().max()) * abs(threads - other))
+    assert torch.get_num_threads() == threads  # restored
 
 
 # ---------------------------------------------------------------------------------------------------- logging

@@ -7,12 +7,13 @@ from ..compare import to_numpy
 from ..context import Context, StepResult, artifact_value
 
 
-def record(ctx: Context, res: StepResult, key: str, paddle_value, torch_value) -> None:
+def record(ctx: Context, res: StepResult, key: str, paddle_value, torch_value, floor=None) -> None:
     """Compare `key` (Paddle = actual, torch = expected) on every element and log both sides for the artifacts
-    (large arrays as a strided sample unless `ctx.full_artifacts`, see `context.artifact_value`)."""
+    (large arrays as a strided sample unless `ctx.full_artifacts`, see `context.artifact_value`). `floor`: torch's
+    own measured variation on this quantity (see `alignment.policy`, override field `floor`)."""
     a = np.asarray(to_numpy(paddle_value))
     b = np.asarray(to_numpy(torch_value))
-    res.results.append(ctx.compare(res.step, key, a, b))
+    res.results.append(ctx.compare(res.step, key, a, b, floor=floor))
     res.paddle_log[key] = artifact_value(a, ctx.full_artifacts, res.step)
     res.torch_log[key] = artifact_value(b, ctx.full_artifacts, res.step)
 
