@@ -311,7 +311,7 @@ def main(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m custom_ops.build", description=__doc__.split("\n\n")[0])
-    p.add_argument("frameworks", nargs="*", choices=["torch", "paddle"], default=[])
+    p.add_argument("frameworks", nargs="*", choices=["torch", "paddle"], default=None)
     p.add_argument("--nvcc-check", action="store_true", help="also compile the CUDA kernels for sm_80 and sm_90")
     a = p.parse_args(argv)
     rc = 0

@@ -13,6 +13,8 @@ import numpy as np
 
 PSA_TYPES = {"collect": 0, "distribute": 1}
 IMPLS = ("auto", "cpp", "tensor")
+#: the largest mask side any entry point accepts (the compiled ops' bound, kMaxMaskSide in psa_mask_kernel.h)
+MAX_MASK_SIDE = 2**31 - 1
 FLOAT_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -28,7 +30,7 @@ def normalize_psa_type(psa_type) -> int:
 
 
 def normalize_mask_size(mask_size) -> tuple[int, int]:
-    """An int m -> (m, m); a pair (mask_h, mask_w) -> itself. Both must be positive integers."""
+    """An int m -> (m, m); a pair (mask_h, mask_w) -> itself. Both must be integers in [1, MAX_MASK_SIDE]."""
     if isinstance(mask_size, numbers.Integral) and not isinstance(mask_size, bool):
         pair = (int(mask_size), int(mask_size))
     else:
@@ -43,6 +45,8 @@ def normalize_mask_size(mask_size) -> tuple[int, int]:
         pair = (int(items[0]), int(items[1]))
     if pair[0] <= 0 or pair[1] <= 0:
         raise ValueError(f"psa_mask: mask size must be positive, got {pair}")
+    if pair[0] > MAX_MASK_SIDE or pair[1] > MAX_MASK_SIDE:
+        raise ValueError(f"psa_mask: mask size must be at most {MAX_MASK_SIDE} (2**31-1) per side, got {pair}")
     return pair
 
 

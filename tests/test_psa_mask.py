@@ -185,3 +185,28 @@ def test_gather_index_map():
     real = idx[idx != 15 * 30]
     assert len(np.unique(real)) == len(real)
     np.testing.assert_array_equal(gather_index(5, 6, 3, 5, 1).reshape(30, 30), idx.reshape(30, 30).T)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_sign_of_zero(framework):
+    """-0.0 is a value like any other for a copy: the compiled op keeps it forward and backward, the tensor impl
+    keeps it forward. The tensor impl's backward (index_select's scatter-add into a +0.0 buffer) turns every -0.0
+    of the gradient into +0.0: equal as numbers, different bits -- the one documented exception (docs/psa_mask.md)."""
+    ref.require_op(framework)
+    s = side(framework)
+    case = SWEEP[2]
+    x, y_ref, g, gx_ref = reference_case(case, 0)
+    x, g = x.copy(), g.copy()
+    x[..., ::2] = -0.0  # half of the input and of the upstream gradient are negative zeros
+    g[..., ::2] = -0.0
+    y_ref = ref.psa_mask_loop(x, 0, *case[1:3])
+    gx_ref = ref.psa_mask_backward_loop(g, 0, *case[1:3])
+    neg_zero_in_gx = int(np.count_nonzero((gx_ref == 0) & np.signbit(gx_ref)))
+    assert neg_zero_in_gx > 0
+    results = {impl: s.forward_backward(x, g, 0, case[1:3], impl)[:2] for impl in ("cpp", "tensor")}
+    for impl, (y, gx) in results.items():
+        np.testing.assert_array_equal(np.signbit(y), np.signbit(y_ref), err_msg=impl)
+        np.testing.assert_array_equal(gx, gx_ref, err_msg=impl)
+    np.testing.assert_array_equal(np.signbit(results["cpp"][1]), np.signbit(gx_ref))
+    flipped = int(np.count_nonzero(np.signbit(results["tensor"][1]) != np.signbit(gx_ref)))
+    assert flipped == neg_zero_in_gx  # exactly the negative zeros, all of them

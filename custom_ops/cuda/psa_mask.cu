@@ -74,7 +74,9 @@ cudaError_t launch(const void* src, void* dst, const PsaGeom& g, int psa_type, b
 const char* psa_mask_cuda(const void* src, void* dst, int elem_bytes, int64_t n, int64_t mask_h, int64_t mask_w,
                           int64_t h, int64_t w, int psa_type, bool forward, CUstream_st* stream, int device) {
   if (psa_type != kCollect && psa_type != kDistribute) return "psa_mask_cuda: psa_type must be 0 or 1";
-  if (n < 0 || mask_h <= 0 || mask_w <= 0 || h < 0 || w < 0) return "psa_mask_cuda: invalid sizes";
+  if (n < 0 || !mask_side_ok(mask_h) || !mask_side_ok(mask_w) || !area_fits(h, w)) {
+    return "psa_mask_cuda: invalid sizes (mask sides must be in [1, 2**31-1], H*W must fit in int64)";
+  }
   const PsaGeom g = make_geom(n, mask_h, mask_w, h, w);
   const int64_t total = (forward ? forward_rows(g) : backward_rows(g)) * g.w;
   if (total == 0) return nullptr;

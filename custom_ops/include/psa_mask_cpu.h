@@ -67,23 +67,28 @@ inline int default_cpu_threads() {
 #endif
 }
 
-// Dispatch on the element width (2, 4 or 8 bytes). Returns false for any other width.
-inline bool psa_mask_cpu_bytes(const void* src, void* dst, int elem_bytes, const PsaGeom& g, int psa_type,
-                               bool forward, int num_threads) {
+// Entry point of the glue: validates the geometry (the same rule as the CUDA launcher) and dispatches on the
+// element width (2, 4 or 8 bytes). Returns nullptr on success, otherwise a message (static storage).
+inline const char* psa_mask_cpu_bytes(const void* src, void* dst, int elem_bytes, const PsaGeom& g, int psa_type,
+                                      bool forward, int num_threads) {
+  if (psa_type != kCollect && psa_type != kDistribute) return "psa_mask_cpu: psa_type must be 0 or 1";
+  if (g.n < 0 || !mask_side_ok(g.mask_h) || !mask_side_ok(g.mask_w) || !area_fits(g.h, g.w)) {
+    return "psa_mask_cpu: invalid sizes (mask sides must be in [1, 2**31-1], H*W must fit in int64)";
+  }
   switch (elem_bytes) {
     case 2:
       psa_mask_cpu(static_cast<const uint16_t*>(src), static_cast<uint16_t*>(dst), g, psa_type, forward,
                    num_threads);
-      return true;
+      return nullptr;
     case 4:
       psa_mask_cpu(static_cast<const float*>(src), static_cast<float*>(dst), g, psa_type, forward, num_threads);
-      return true;
+      return nullptr;
     case 8:
       psa_mask_cpu(static_cast<const double*>(src), static_cast<double*>(dst), g, psa_type, forward,
                    num_threads);
-      return true;
+      return nullptr;
     default:
-      return false;
+      return "psa_mask_cpu: element size must be 2, 4 or 8 bytes";
   }
 }
 

@@ -37,7 +37,21 @@ namespace psa {
 
 enum PsaType : int { kCollect = 0, kDistribute = 1 };
 
-// Problem geometry, all sizes as int64 so that products never overflow.
+// Largest mask side accepted by every entry point (2**31-1, the range of Paddle's int attributes). With both sides
+// bounded, mask_h*mask_w < 2**62 and every index product below stays inside int64.
+constexpr int64_t kMaxMaskSide = 2147483647;
+
+// The argument checks of every entry point (torch and Paddle glue, CPU and CUDA launchers), written without a
+// product that could wrap: a huge mask must never pass the channel check by overflow.
+SEGTWIN_HD bool mask_side_ok(int64_t v) { return v >= 1 && v <= kMaxMaskSide; }
+
+// c == a*b, decided by division (b >= 1 assumed: callers check the mask sides first).
+SEGTWIN_HD bool is_product(int64_t c, int64_t a, int64_t b) { return c >= 0 && c % b == 0 && c / b == a; }
+
+// Whether h*w (and so the output's H*W channels) fits in int64; sizes are non-negative.
+SEGTWIN_HD bool area_fits(int64_t h, int64_t w) { return h >= 0 && w >= 0 && (w == 0 || h <= INT64_MAX / w); }
+
+// Problem geometry, all sizes as int64 so that products never overflow (given the checks above).
 struct PsaGeom {
   int64_t n;       // batch
   int64_t mask_h;  // window height

@@ -44,6 +44,9 @@ int elem_bytes(paddle::DataType dt) {
 void check_attrs(const char* op, int psa_type, int mask_h, int mask_w) {
   PD_CHECK(psa_type == 0 || psa_type == 1, op, ": psa_type must be 0 (collect) or 1 (distribute), got ", psa_type);
   PD_CHECK(mask_h > 0 && mask_w > 0, op, ": mask size must be positive, got (", mask_h, ", ", mask_w, ")");
+  // int attributes cannot exceed the shared bound; checked anyway so that every entry point applies the same rule.
+  PD_CHECK(psa::mask_side_ok(mask_h) && psa::mask_side_ok(mask_w), op, ": mask size must be at most ",
+           psa::kMaxMaskSide, " (2**31-1) per side, got (", mask_h, ", ", mask_w, ")");
 }
 
 // Validates either direction (`t` = x for forward, grad_out for backward) and returns the geometry.
@@ -57,8 +60,9 @@ psa::PsaGeom check_and_geom(const paddle::Tensor& t, int psa_type, int mask_h, i
            phi::DataTypeToString(t.dtype()));
   check_attrs(op, psa_type, mask_h, mask_w);
   const int64_t mh = mask_h, mw = mask_w;
+  PD_CHECK(psa::area_fits(s[2], s[3]), op, ": H*W overflows int64 (shape ", shape_str(s), ")");
   if (forward) {
-    PD_CHECK(s[1] == mh * mw, op, ": input has ", s[1], " channels but the mask (", mh, ", ", mw,
+    PD_CHECK(psa::is_product(s[1], mh, mw), op, ": input has ", s[1], " channels but the mask (", mh, ", ", mw,
              ") needs mask_h*mask_w = ", mh * mw, " (input shape ", shape_str(s), ")");
   } else {
     PD_CHECK(s[1] == s[2] * s[3], op, ": grad_out must have H*W = ", s[2] * s[3], " channels, got shape ",
@@ -76,7 +80,9 @@ std::vector<paddle::Tensor> run(const paddle::Tensor& t, int psa_type, int mask_
   if (dst.numel() == 0) return {dst};
   const int bytes = elem_bytes(src.dtype());
   if (src.is_cpu()) {
-    psa::psa_mask_cpu_bytes(src.data(), dst.data(), bytes, g, psa_type, forward, psa::default_cpu_threads());
+    const char* err =
+        psa::psa_mask_cpu_bytes(src.data(), dst.data(), bytes, g, psa_type, forward, psa::default_cpu_threads());
+    PD_CHECK(err == nullptr, "psa_mask: ", err ? err : "");
     return {dst};
   }
 #ifdef SEGTWIN_PADDLE_CUDA
@@ -111,7 +117,7 @@ std::vector<std::vector<int64_t>> PsaMaskInferShape(const std::vector<int64_t>& 
            shape_str(x_shape));
   check_attrs("psa_mask", psa_type, mask_h, mask_w);
   const int64_t c = static_cast<int64_t>(mask_h) * mask_w;
-  PD_CHECK(x_shape[1] < 0 || x_shape[1] == c, "psa_mask: input has ", x_shape[1], " channels but the mask (",
+  PD_CHECK(x_shape[1] < 0 || psa::is_product(x_shape[1], mask_h, mask_w), "psa_mask: input has ", x_shape[1], " channels but the mask (",
            mask_h, ", ", mask_w, ") needs mask_h*mask_w = ", c);
   return {{x_shape[0], known_product(x_shape[2], x_shape[3]), x_shape[2], x_shape[3]}};
 }

@@ -33,10 +33,14 @@ psa::PsaGeom check_and_geom(const at::Tensor& t, int64_t psa_type, int64_t mask_
   TORCH_CHECK(psa_type == 0 || psa_type == 1, op, ": psa_type must be 0 (collect) or 1 (distribute), got ",
               psa_type);
   TORCH_CHECK(mask_h > 0 && mask_w > 0, op, ": mask size must be positive, got (", mask_h, ", ", mask_w, ")");
+  TORCH_CHECK(psa::mask_side_ok(mask_h) && psa::mask_side_ok(mask_w), op, ": mask size must be at most ",
+              psa::kMaxMaskSide, " (2**31-1) per side, got (", mask_h, ", ", mask_w, ")");
   const int64_t n = t.size(0), c = t.size(1), h = t.size(2), w = t.size(3);
+  TORCH_CHECK(psa::area_fits(h, w), op, ": H*W overflows int64 (shape ", t.sizes(), ")");
   if (forward) {
-    TORCH_CHECK(c == mask_h * mask_w, op, ": input has ", c, " channels but the mask (", mask_h, ", ", mask_w,
-                ") needs mask_h*mask_w = ", mask_h * mask_w, " (input shape ", t.sizes(), ")");
+    // By division: a product of two bounded sides fits, but the check must not depend on that.
+    TORCH_CHECK(psa::is_product(c, mask_h, mask_w), op, ": input has ", c, " channels but the mask (", mask_h, ", ",
+                mask_w, ") needs mask_h*mask_w = ", mask_h * mask_w, " (input shape ", t.sizes(), ")");
   } else {
     TORCH_CHECK(c == h * w, op, ": grad_out must have H*W = ", h * w, " channels, got shape ", t.sizes());
   }
@@ -58,10 +62,10 @@ at::Tensor run_cpu(const at::Tensor& t, int64_t psa_type, int64_t mask_h, int64_
   const at::Tensor src = t.contiguous();
   at::Tensor dst = alloc_dst(src, g, forward);
   if (dst.numel() == 0) return dst;
-  const bool ok = psa::psa_mask_cpu_bytes(src.const_data_ptr(), dst.mutable_data_ptr(),
-                                          static_cast<int>(src.element_size()), g, static_cast<int>(psa_type),
-                                          forward, at::get_num_threads());
-  TORCH_CHECK(ok, "segtwin::psa_mask: unsupported element size ", src.element_size());
+  const char* err = psa::psa_mask_cpu_bytes(src.const_data_ptr(), dst.mutable_data_ptr(),
+                                            static_cast<int>(src.element_size()), g, static_cast<int>(psa_type),
+                                            forward, at::get_num_threads());
+  TORCH_CHECK(err == nullptr, "segtwin::psa_mask: ", err);
   return dst;
 }
 

@@ -99,6 +99,8 @@ def _psa_mask_tensor(x: paddle.Tensor, psa_type: int, mask_h: int, mask_w: int) 
     n, c, h, w = x.shape
     if h < 0 or w < 0:
         raise ValueError(f"psa_mask(impl='tensor'): H and W must be known, got shape {x.shape}")
+    if h * w == 0:
+        return x[:, :0]  # (N, 0, H, W): no pixel pair; no reshape, which cannot infer an unknown N from 0 elements
     if x.dtype in (paddle.float16, paddle.bfloat16) and paddle.in_dynamic_mode() and x.place.is_cpu_place():
         # Paddle's CPU kernels lack float16 index_select and bfloat16 concat_grad; a round trip through float32 is
         # exact for copied values.

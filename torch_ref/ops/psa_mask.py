@@ -125,6 +125,8 @@ def _index_tensor(h: int, w: int, mask_h: int, mask_w: int, psa_type: int, devic
 
 def _psa_mask_tensor(x: torch.Tensor, psa_type: int, mask_h: int, mask_w: int) -> torch.Tensor:
     n, c, h, w = x.shape
+    if h * w == 0:
+        return x[:, :0]  # (N, 0, H, W): no pixel pair; no reshape, which cannot infer an unknown N from 0 elements
     index = _index_tensor(h, w, mask_h, mask_w, psa_type, x.device)
     flat = x.reshape([n, c * h * w])
     padded = torch.cat([flat, torch.zeros_like(flat[:, :1])], dim=1)
