@@ -35,8 +35,9 @@ __all__ = ["DEFAULT_POLICY_PATH", "Policy", "PolicyError", "STEPS", "Tolerance"]
 
 DEFAULT_POLICY_PATH = Path(__file__).with_name("tolerances.yaml")
 SUPPORTED_VERSIONS = (1,)
-#: The steps a policy can address (``trace`` = per-layer capture, ``op`` = custom-op parity).
-STEPS: Tuple[str, ...] = ("forward", "loss", "schedule", "backward", "metric", "trace", "op")
+#: The steps a policy can address (``trace`` = per-layer capture, ``op`` = custom-op parity, ``weights`` = the
+#: state comparison of `alignment.any_port.align_models`).
+STEPS: Tuple[str, ...] = ("forward", "loss", "schedule", "backward", "metric", "trace", "op", "weights")
 MIN_REASON_LEN = 10
 
 _TOP_FIELDS = ("version", "defaults", "overrides")
