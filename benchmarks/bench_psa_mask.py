@@ -204,3 +204,79 @@ def test_reference_loop(benchmark, kind):
     x = np.random.default_rng(0).standard_normal(IN_SHAPE).astype(np.float32)
     benchmark.pedantic(ref.psa_mask_loop, args=(x, TYPES[kind], MASK, MASK), rounds=1, iterations=1)
     _record(benchmark, ("numpy", "loop", kind))
+
+
+# --- the compiled op against a plain copy, at the seed's shape and at full resolution ----------------------------
+#
+# Seed shape: the seed's Cityscapes recipe (crop 512x1024 -> 64x128 features -> shrink 2 -> 32x64, mask 59x59),
+# N = 2: x (2, 3481, 32, 64) -> (2, 2048, 32, 64). Floor: `clone()` of an output-sized tensor (reads and writes the
+# output's bytes once; the op writes the output and reads the used part of its input, ~1.35x those bytes).
+# Full resolution: 1024x2048 inference (128x256 features -> 64x128, mask 127x255), N = 1; floor `zeros` of the
+# output (1.07 GB: the copy floor would need twice that). Printed by conftest's ratio table (group baseline).
+
+COPY_CASES = {"seed": (2, 59, 59, 32, 64), "fullres": (1, 127, 255, 64, 128)}
+
+
+@pytest.fixture(scope="module")
+def copy_setup():
+    ref.require_op("torch")
+    import torch
+
+    from alignment.utils import set_threads
+
+    set_threads(THREADS, ("torch",))
+    return torch
+
+
+def _case_tensors(torch, case):
+    n, mh, mw, h, w = COPY_CASES[case]
+    x = torch.randn((n, mh * mw, h, w), generator=torch.Generator().manual_seed(0))
+    return x, (n, h * w, h, w), (mh, mw)
+
+
+@pytest.mark.benchmark(group="psa_mask seed shape vs copy")
+def test_seed_copy_floor(benchmark, copy_setup):
+    """The baseline: copy an output-sized tensor into a preallocated one (no allocation, no page faults)."""
+    torch = copy_setup
+    _, out_shape, _ = _case_tensors(torch, "seed")
+    y, dst = torch.randn(out_shape), torch.empty(out_shape)
+    benchmark.extra_info["baseline"] = True
+    benchmark(dst.copy_, y)
+
+
+@pytest.mark.benchmark(group="psa_mask seed shape vs copy")
+def test_seed_clone_floor(benchmark, copy_setup):
+    """The same copy into a fresh allocation, as the op's output is (first-touch page faults included)."""
+    torch = copy_setup
+    _, out_shape, _ = _case_tensors(torch, "seed")
+    y = torch.randn(out_shape)
+    benchmark(y.clone)
+
+
+@pytest.mark.benchmark(group="psa_mask seed shape vs copy")
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("kind", list(TYPES))
+def test_seed_compiled(benchmark, copy_setup, kind, direction):
+    torch = copy_setup
+    x, out_shape, (mh, mw) = _case_tensors(torch, "seed")
+    if direction == "forward":
+        benchmark(torch.ops.segtwin.psa_mask, x, TYPES[kind], mh, mw)
+    else:
+        g = torch.randn(out_shape)
+        benchmark(torch.ops.segtwin.psa_mask_backward, g, TYPES[kind], mh, mw)
+
+
+@pytest.mark.benchmark(group="psa_mask full resolution vs zeros")
+def test_fullres_zeros_floor(benchmark, copy_setup):
+    torch = copy_setup
+    _, out_shape, _ = _case_tensors(torch, "fullres")
+    benchmark.extra_info["baseline"] = True
+    benchmark.pedantic(torch.zeros, args=(out_shape,), rounds=5, iterations=1)
+
+
+@pytest.mark.benchmark(group="psa_mask full resolution vs zeros")
+@pytest.mark.parametrize("kind", list(TYPES))
+def test_fullres_compiled(benchmark, copy_setup, kind):
+    torch = copy_setup
+    x, _, (mh, mw) = _case_tensors(torch, "fullres")
+    benchmark.pedantic(torch.ops.segtwin.psa_mask, args=(x, TYPES[kind], mh, mw), rounds=5, iterations=1)

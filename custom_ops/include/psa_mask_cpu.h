@@ -1,7 +1,8 @@
 // segtwin PSA mask: the CPU loops over the bodies of psa_mask_kernel.h. Host only, no framework headers.
 //
-// Parallel over destination planes (n, channel) with OpenMP, each plane's rows in turn. Every destination element
-// is written exactly once in a single pass (zeros and copied values), so the output buffer may come from an uninitialised allocation.
+// Parallel (OpenMP) over groups of destination rows that share their source rows (see psa_mask_cpu below). Every
+// destination element is written exactly once in a single pass (zeros and copied values), so the output buffer may
+// come from an uninitialised allocation.
 //
 // The op moves values and never does arithmetic on them, so one instantiation per element width serves every
 // floating type: float (4 bytes), double (8 bytes), and uint16_t for the bit patterns of float16 / bfloat16
@@ -9,7 +10,9 @@
 #ifndef SEGTWIN_PSA_MASK_CPU_H_
 #define SEGTWIN_PSA_MASK_CPU_H_
 
+#include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "psa_mask_kernel.h"
 
@@ -34,26 +37,91 @@ inline void fill_row(T* dst, const T* src, const PsaRow& r, int64_t width) {
 
 // forward == true: dst = out (N, HW, H, W), src = x (N, C, H, W).
 // forward == false: dst = grad_x (N, C, H, W), src = grad_out (N, HW, H, W).
-// Work item = one destination plane (n, channel): its row number is split once (split_row, the CUDA kernel's
-// splitter) and its H rows are walked with the shared row bodies, each row written in one pass.
+//
+// Traversal (cache blocking). A destination row of either direction reads its W values from W different source
+// planes, so walking the destination plane by plane (each plane's H rows in turn) streams the whole source through
+// the cache again for every plane. Instead, one work item is a GROUP of destination rows that share their source:
+//   forward, item (n, kh, r): the rows r of the W planes k = kh*W + kw (kw = 0..W-1). With i = kh - r + half_h
+//     (collect) or r - kh + half_h (distribute), all of them read the mask_w planes i*mask_w .. i*mask_w+mask_w-1 of
+//     x at one feature row (collect: row r; distribute: row kh) -- mask_w*W values;
+//   backward, item (n, i, ph): the rows ph of the mask_w planes i*mask_w + j (j = 0..mask_w-1). All of them read
+//     the W planes of one feature row qh = ph + i - half_h of grad_out at one row (collect: row ph of planes
+//     qh*W..qh*W+W-1; distribute: row qh of planes ph*W..ph*W+W-1) -- W*W values.
+// The group's source (15-130 KB at PSANet's shapes) stays in L1/L2 while its rows are written, and each source row
+// is brought in from memory once. The rows themselves are the same row bodies as before (forward_row_at /
+// backward_row_at, shared with the CUDA kernel), each written in one pass: zeros, copies, zeros. Items write
+// disjoint rows, so every destination element is still written exactly once.
+// Floor division (b > 0), for the pack coordinates below.
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// A source offset k*plane + col from the group's origin (0 <= col < width <= plane) as an index of the packed copy
+// pack[k*width + col]. Also converts a row's stride (+-1 plane and 0 or +1 column: 1 - HW, HW, HW + 1).
+inline int64_t pack_index(int64_t offset, int64_t plane, int64_t width) {
+  const int64_t k = floor_div(offset, plane);
+  return k * width + (offset - k * plane);
+}
+
 template <typename T>
 void psa_mask_cpu(const T* src, T* dst, const PsaGeom& g, int psa_type, bool forward, int num_threads) {
-  const int64_t planes = g.n * (forward ? g.hw : g.c);
   const int64_t width = g.w;
-  const int64_t plane_size = g.h * width;
+  const int64_t groups = forward ? g.h : g.mask_h;  // kh (forward) or i (backward)
+  const int64_t items = g.n * groups * g.h;
+  const int64_t group_rows = forward ? g.w : g.mask_w;  // rows per item: kw = 0..W-1 or j = 0..mask_w-1
+  const int64_t planes = forward ? g.hw : g.c;          // destination channels
+  const int64_t src_rows = forward ? g.mask_w : g.w;    // source rows per item
+  const int64_t src_planes = forward ? g.c : g.hw;      // source channels
 #ifdef _OPENMP
-  const bool parallel = num_threads > 1 && planes * plane_size >= kCpuParallelGrain;
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (parallel)
+  const bool parallel = num_threads > 1 && items * group_rows * width >= kCpuParallelGrain;
+#pragma omp parallel num_threads(num_threads) if (parallel)
 #else
   (void)num_threads;  // built without OpenMP: one thread
 #endif
-  for (int64_t p = 0; p < planes; ++p) {
-    const PsaRowCoord rc = split_row<int64_t>(g, forward, p * g.h);  // row 0 of the plane
-    T* out = dst + p * plane_size;
-    for (int64_t r = 0; r < g.h; ++r) {
-      const PsaRow row = forward ? forward_row_at(g, psa_type, rc.n, rc.a, rc.b, r)
-                                 : backward_row_at(g, psa_type, rc.n, rc.a, rc.b, r);
-      fill_row(out + r * width, src, row, width);
+  {
+    // The item's source rows, copied into one contiguous block: they are rows of distant planes (one plane apart),
+    // whose addresses alias to the same cache sets; the copy is read sequentially once and then hit in cache.
+    std::vector<T> pack(static_cast<size_t>(src_rows * width));
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t r = item % g.h;  // the row inside each destination plane
+      const int64_t ng = item / g.h;
+      const int64_t a = ng % groups;  // kh or i
+      const int64_t n = ng / groups;
+      // The first source row of the group: forward x[n, i*mask_w, row, :]; backward grad_out[n, plane0, row, :].
+      int64_t first_plane = -1, src_row = 0;
+      if (forward) {
+        const int64_t i = psa_type == kCollect ? a - r + g.half_h : r - a + g.half_h;
+        if (i >= 0 && i < g.mask_h) {
+          first_plane = i * g.mask_w;
+          src_row = psa_type == kCollect ? r : a;
+        }
+      } else {
+        const int64_t qh = r + a - g.half_h;
+        if (qh >= 0 && qh < g.h) {
+          first_plane = (psa_type == kCollect ? qh : r) * g.w;
+          src_row = psa_type == kCollect ? r : qh;
+        }
+      }
+      const int64_t origin = ((n * src_planes + (first_plane < 0 ? 0 : first_plane)) * g.h + src_row) * width;
+      if (first_plane >= 0) {
+        for (int64_t k = 0; k < src_rows; ++k) {
+          const T* from = src + origin + k * g.hw;
+          T* to = pack.data() + k * width;
+          for (int64_t col = 0; col < width; ++col) to[col] = from[col];
+        }
+      }
+      for (int64_t b = 0; b < group_rows; ++b) {  // kw or j
+        const int64_t plane = forward ? a * g.w + b : a * g.mask_w + b;
+        PsaRow row = forward ? forward_row_at(g, psa_type, n, a, b, r) : backward_row_at(g, psa_type, n, a, b, r);
+        if (row.lo < row.hi) {  // non-empty rows read the group's source: the packed copy
+          // Convert through the row's first real element (its column lies in [0, W), unlike the base's).
+          const int64_t first = pack_index(row.base + row.lo * row.stride - origin, g.hw, width);
+          row.stride = pack_index(row.stride, g.hw, width);
+          row.base = first - row.lo * row.stride;
+        }
+        fill_row(dst + ((n * planes + plane) * g.h + r) * width, pack.data(), row, width);
+      }
     }
   }
 }

@@ -149,7 +149,7 @@ struct PsaRowCoord {
 
 // Splits the flat row number row = (n*HW + k)*H + r (forward) or (n*C + c)*H + ph (backward). `Index` is the type
 // the number is split in: the CUDA kernel uses a 32-bit type when everything fits (64-bit divisions are slow on a
-// GPU); the CPU loop splits once per plane in int64 and walks the rows of the plane.
+// GPU). (The CPU loop walks groups of rows by their coordinates and does not split.)
 template <typename Index>
 SEGTWIN_HD PsaRowCoord split_row(const PsaGeom& g, bool forward, Index row) {
   const Index hh = static_cast<Index>(g.h);
