@@ -33,9 +33,14 @@ __all__ = [
 
 ROOT = Path(__file__).resolve().parent
 INCLUDE_DIR = ROOT / "include"
-HEADERS = (INCLUDE_DIR / "psa_mask_kernel.h", INCLUDE_DIR / "psa_mask_cpu.h", INCLUDE_DIR / "psa_mask_cuda.h")
+HEADERS = (INCLUDE_DIR / "psa_mask_kernel.h", INCLUDE_DIR / "psa_mask_cpu.h", INCLUDE_DIR / "psa_mask_cuda.h",
+           INCLUDE_DIR / "psa_attend_kernel.h", INCLUDE_DIR / "psa_attend_cpu.h")
 CUDA_SOURCE = ROOT / "cuda" / "psa_mask.cu"
-GLUE = {"torch": ROOT / "torch" / "psa_mask_op.cpp", "paddle": ROOT / "paddle" / "psa_mask_op.cc"}
+# Glue sources per framework: the PSA mask op and the fused PSA aggregation (psa_attend, CPU kernels), one library.
+GLUE = {"torch": [ROOT / "torch" / "psa_mask_op.cpp", ROOT / "torch" / "psa_attend_op.cpp"],
+        "paddle": [ROOT / "paddle" / "psa_mask_op.cc", ROOT / "paddle" / "psa_attend_op.cc"]}
+#: the Paddle custom operators of the library (each gets a generated Python entry point)
+PADDLE_OPS = ("psa_mask", "psa_attend")
 LIB_NAME = {"torch": "segtwin_psa_mask_torch", "paddle": "segtwin_psa_mask_paddle"}
 # Flags each framework's builder gets on top of its own. -fopenmp: the CPU loop is an OpenMP loop.
 CXX_FLAGS = ["-O3", "-fopenmp", "-Wall"]
@@ -106,7 +111,7 @@ def _framework_info(framework: str) -> tuple[str, bool]:
 
 def _build_spec(framework: str) -> dict:
     version, with_cuda = _framework_info(framework)
-    sources = [GLUE[framework]] + ([CUDA_SOURCE] if with_cuda else [])
+    sources = list(GLUE[framework]) + ([CUDA_SOURCE] if with_cuda else [])
     defines = ["-DSEGTWIN_WITH_CUDA"] if with_cuda else []
     spec = {
         "framework": framework,
@@ -119,12 +124,14 @@ def _build_spec(framework: str) -> dict:
         "ld_flags": LD_FLAGS,
         "cuda_flags": CUDA_FLAGS + defines if with_cuda else [],
         "with_cuda": with_cuda,
+        "paddle_ops": list(PADDLE_OPS),
     }
     h = hashlib.sha256()
     for f in sorted(set(sources) | set(HEADERS)):
         h.update(f.name.encode())
         h.update(f.read_bytes())
-    for k in ("framework", "framework_version", "python", "cxx_flags", "ld_flags", "cuda_flags", "with_cuda"):
+    for k in ("framework", "framework_version", "python", "cxx_flags", "ld_flags", "cuda_flags", "with_cuda",
+              "paddle_ops"):
         h.update(json.dumps(spec[k]).encode())
     spec["hash"] = h.hexdigest()[:16]
     safe_version = "".join(ch if ch.isalnum() or ch in ".-_" else "_" for ch in version)
@@ -148,9 +155,9 @@ from paddle.utils.cpp_extension.extension_utils import _custom_api_content
 a = json.loads(sys.argv[1])
 load(name=a["name"], sources=a["sources"], extra_cxx_cflags=a["cxx_flags"], extra_cuda_cflags=a["cuda_flags"],
      extra_ldflags=a["ld_flags"], extra_include_paths=[a["include"]], build_directory=a["dir"], verbose=True)
-# The Python entry point Paddle generates for the op, written once here so that loading never writes files.
+# The Python entry points Paddle generates for the ops, written once here so that loading never writes files.
 with open(os.path.join(a["dir"], "psa_mask_api.py"), "w") as f:
-    f.write(_custom_api_content("psa_mask"))
+    f.write("\n".join(_custom_api_content(op) for op in a["paddle_ops"]))
 """
 
 

@@ -150,7 +150,7 @@ def test_torch_cuda_glue_compiles(tmp_path):
            "-I", sysconfig.get_paths()["include"]]
     for inc in tce.include_paths():
         cmd += ["-I", inc]
-    proc = subprocess.run(cmd + [str(build.GLUE["torch"])], capture_output=True, text=True)
+    proc = subprocess.run(cmd + [str(build.GLUE["torch"][0])], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 

@@ -17,13 +17,20 @@ Oddities of the official code reproduced on purpose:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 from alignment.specs import ConfigInferenceError
 
 from .. import layers as L
+from ..ops.psa_attend import psa_attend
 from ..ops.psa_mask import psa_mask
 from .semseg import SemsegNet, infer_backbone_config
+
+
+#: psa_impl values: the PSA mask op's impls ("auto", "cpp", "tensor") with the reference softmax + bmm, or "fused"
+#: (ops/psa_attend.py: the whole aggregation in one compiled kernel)
+PSA_IMPLS = ("auto", "cpp", "tensor", "fused")
 
 
 def _branch(in_dim: int, mid_dim: int, bn_momentum: float):
@@ -50,6 +57,11 @@ class PSA(L.Module):
         super().__init__()
         if psa_type not in (0, 1, 2):
             raise ValueError(f"PSA psa_type must be 0 (collect), 1 (distribute) or 2 (both), got {psa_type}")
+        if psa_impl not in PSA_IMPLS:
+            raise ValueError(f"PSA psa_impl must be one of {PSA_IMPLS}, got {psa_impl!r}")
+        if compact and psa_impl == "fused":
+            warnings.warn("PSA compact mode uses no PSA mask (the map is the logits themselves): psa_impl='fused' "
+                          "runs the reference path there", RuntimeWarning, stacklevel=2)
         self.psa_type = psa_type
         self.compact = compact
         self.shrink_factor = shrink_factor
@@ -82,6 +94,8 @@ class PSA(L.Module):
                                  f"{h * w}), got {self.mask_h}x{self.mask_w}")
             if psa_type == 1:
                 y = L.reshape(L.swap_dims_1_2(L.reshape(y, (n, h * w, h * w))), (n, h * w, h, w))
+        elif self.psa_impl == "fused":  # softmax(psa_mask) + bmm in one kernel, no (N, h*w, h*w) map
+            return psa_attend(x, y, psa_type, (self.mask_h, self.mask_w), self.psa_softmax, self.normalization_factor)
         else:
             y = psa_mask(y, psa_type, (self.mask_h, self.mask_w), impl=self.psa_impl)
         if self.psa_softmax:

@@ -63,15 +63,35 @@ def _register_python_parts() -> None:
     torch.library.register_autograd("segtwin::psa_mask", _forward_grad, setup_context=_setup)
     torch.library.register_autograd("segtwin::psa_mask_backward", _backward_grad, setup_context=_setup)
 
+    # The fused PSA aggregation (torch_ref/ops/psa_attend.py): out = bmm(feat, softmax(psa_mask(logits))).
+    @torch.library.register_fake("segtwin::psa_attend")
+    def _psa_attend_fake(feat, logits, psa_type, mask_h, mask_w):
+        return feat.new_empty(feat.shape)
 
-def load_op() -> None:
-    """Build (if needed) and load the compiled operator. Raises custom_ops.build.BuildUnavailable with the
-    reason when it cannot be had (the reason is remembered: later calls fail fast)."""
+    @torch.library.register_fake("segtwin::psa_attend_backward")
+    def _psa_attend_backward_fake(grad, feat, logits, out, psa_type, mask_h, mask_w):
+        return feat.new_empty(feat.shape), logits.new_empty(logits.shape)
+
+    def _attend_setup(ctx, inputs, output):
+        feat, logits, ctx.psa_type, ctx.mask_h, ctx.mask_w = inputs
+        ctx.save_for_backward(feat, logits, output)
+
+    def _attend_grad(ctx, grad):
+        feat, logits, out = ctx.saved_tensors
+        gf, gl = torch.ops.segtwin.psa_attend_backward(grad, feat, logits, out, ctx.psa_type, ctx.mask_h, ctx.mask_w)
+        return gf, gl, None, None, None
+
+    torch.library.register_autograd("segtwin::psa_attend", _attend_grad, setup_context=_attend_setup)
+
+
+def load_op():
+    """Build (if needed) and load the compiled operators; returns their namespace `torch.ops.segtwin`. Raises
+    custom_ops.build.BuildUnavailable with the reason when it cannot be had (remembered: later calls fail fast)."""
     if _state["registered"]:  # lock-free fast path (also keeps torch.compile tracing free of the lock)
-        return
+        return torch.ops.segtwin
     with _lock:
         if _state["registered"]:
-            return
+            return torch.ops.segtwin
         if _state["unavailable"] is not None:
             raise _state["unavailable"]
         try:
@@ -81,6 +101,7 @@ def load_op() -> None:
             raise
         _register_python_parts()
         _state["registered"] = True
+        return torch.ops.segtwin
 
 
 def op_available() -> bool:
