@@ -1,5 +1,6 @@
-// segtwin fused PSA aggregation: the per-pixel bodies, shared by the CPU driver (psa_attend_cpu.h) and the CUDA
-// kernels (../cuda/psa_attend.cu). No framework headers; SEGTWIN_HD as in psa_mask_kernel.h.
+// segtwin fused PSA aggregation: the per-pixel bodies of the CPU driver (psa_attend_cpu.h), written `SEGTWIN_HD`
+// (as in psa_mask_kernel.h) so that CUDA kernels can share them; there are no CUDA kernels for it yet. No framework
+// headers.
 //
 // What is computed (PSANet's attention with semseg's semantics, unscaled):
 //   out[n, c, p] = sum_q A[n, q, p] * x[n, c, q],   A[n, :, p] = softmax over q of L[n, p, q],
