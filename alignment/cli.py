@@ -9,6 +9,7 @@
   segtwin predict --config CFG --weights W --image P --out D = python -m paddle_impl.engine.predict
   segtwin export --config CFG --weights W --out PREFIX       = python -m paddle_impl.engine.export
   segtwin infer --model PREFIX --image P --out D             = python -m paddle_impl.engine.infer
+  segtwin x2paddle MODEL|module:factory = python -m alignment.x2paddle_port   check X2Paddle's conversion of a model
 
 `segtwin COMMAND --help` shows the options of each.
 """
@@ -29,6 +30,7 @@ COMMANDS = {
     "predict": "paddle_impl.engine.predict",
     "export": "paddle_impl.engine.export",
     "infer": "paddle_impl.engine.infer",
+    "x2paddle": "alignment.x2paddle_port",
 }
 
 

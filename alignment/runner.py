@@ -436,7 +436,7 @@ def _first_divergent(step: str, res: StepResult, fwd, bwd) -> Optional[str]:
 
 def _drop_weights(wdir: Path, user_weights) -> None:
     """Remove the weight files the run wrote itself (never the user's --weights file); the report stays."""
-    for f in list(wdir.glob("*.pth")) + list(wdir.glob("*.pdparams")):
+    for f in list(wdir.glob("*.pth")) + list(wdir.glob("*.pkl")) + list(wdir.glob("*.pdparams")):
         if user_weights is not None and f.resolve() == Path(user_weights).resolve():
             continue
         f.unlink()

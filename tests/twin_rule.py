@@ -188,7 +188,7 @@ ALLOW = (
     Allow("ops/psa_mask.py",
           "the index map: cached per device in dynamic mode (torch.device vs Paddle place); in Paddle's static mode it "
           "is built as a constant of the program",
-          torch=(Line("index = _index_tensor(h, w, mask_h, mask_w, psa_type, x.device)"),),
+          torch=(Line("index = _index_tensor(int(h), int(w), mask_h, mask_w, psa_type, x.device)"),),
           paddle=(Span("if paddle.in_dynamic_mode():", "index = paddle.to_tensor(gather_index("),)),
     Allow("ops/psa_mask.py",
           "the warn-once key names the input's device: torch.device.type vs Paddle's place",

@@ -106,7 +106,7 @@ def _psa_mask_tensor(x: paddle.Tensor, psa_type: int, mask_h: int, mask_w: int) 
         # exact for copied values.
         return _psa_mask_tensor(x.astype(paddle.float32), psa_type, mask_h, mask_w).astype(x.dtype)
     if paddle.in_dynamic_mode():
-        index = _index_tensor(h, w, mask_h, mask_w, psa_type, x.place)
+        index = _index_tensor(int(h), int(w), mask_h, mask_w, psa_type, x.place)  # ints also under jit.trace
     else:
         index = paddle.to_tensor(gather_index(h, w, mask_h, mask_w, psa_type).copy())
     flat = x.reshape([n, c * h * w])

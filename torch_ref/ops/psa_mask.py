@@ -148,7 +148,7 @@ def _psa_mask_tensor(x: torch.Tensor, psa_type: int, mask_h: int, mask_w: int) -
     n, c, h, w = x.shape
     if h * w == 0:
         return x[:, :0]  # (N, 0, H, W): no pixel pair; no reshape, which cannot infer an unknown N from 0 elements
-    index = _index_tensor(h, w, mask_h, mask_w, psa_type, x.device)
+    index = _index_tensor(int(h), int(w), mask_h, mask_w, psa_type, x.device)  # ints also under jit.trace
     flat = x.reshape([n, c * h * w])
     padded = torch.cat([flat, torch.zeros_like(flat[:, :1])], dim=1)
     return torch.index_select(padded, index=index, dim=1).reshape([n, h * w, h, w])
