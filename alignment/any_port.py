@@ -565,9 +565,9 @@ def align_models(torch_model, paddle_model, batch, *, loss=None, optimizer=None,
     rep.write_verdict(out_dir, verdict)
     rep.write_report(out_dir, verdict, results, images_written)
     if how is not None:
-        with open(out_dir / "report.md", "a") as f:
-            f.write(f"\nTrace matching: **{how}** ({len(matched)} module outputs matched"
-                    + (f"; worst forward layer: `{verdict['trace']['worst_forward']}`" if fwd else "") + ").\n")
+        rep.append_section(out_dir, [f"Trace matching: **{how}** ({len(matched)} module outputs matched"
+                                     + (f"; worst forward layer: `{verdict['trace']['worst_forward']}`" if fwd
+                                        else "") + ")."])
     for step, res in results.items():
         if not res.passed:
             log.error("%s: step %s FAILED: %s; first divergent module: %s", name, step,

@@ -199,6 +199,17 @@ def write_report(out: Path, verdict: dict, results: Dict[str, StepResult], image
         md += [""] + _md_table(res) + [""]
     text = "\n".join(md) + "\n"
     (out / "report.md").write_text(text)
+    _write_html(out, text)
+
+
+def append_section(out: Path, lines: List[str]) -> None:
+    """Add a section (markdown lines, images as `![name](file)`) to OUT/report.md and re-render report.html."""
+    text = (out / "report.md").read_text() + "\n" + "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    _write_html(out, text)
+
+
+def _write_html(out: Path, text: str) -> None:
     body = []
     for line in text.splitlines():
         if line.startswith("![") and "](" in line:

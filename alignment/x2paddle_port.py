@@ -165,7 +165,8 @@ def write_three_way(out: Path, twin_csv: Path, x2p_csv: Path, order: Sequence[st
         w.writerow(["path", "twin_rel_err", "x2paddle_rel_err", "closer"])
         w.writerows([(p, "" if a is None else f"{a:.6g}", "" if b is None else f"{b:.6g}", c) for p, a, b, c in rows])
     both = [r for r in rows if r[1] is not None and r[2] is not None]
-    lines = ["# torch reference vs segtwin twin vs X2Paddle, per module (forward trace)", "",
+    images = _plot_three_way(out, rows)
+    lines = ["## torch reference vs segtwin twin vs X2Paddle, per module (forward trace)", "",
              f"{len(rows)} torch module outputs; twin traced at {sum(r[1] is not None for r in rows)}, X2Paddle "
              f"matched at {sum(r[2] is not None for r in rows)} (order-and-shape heuristic); closer: twin "
              f"{sum(r[3] == 'twin' for r in both)}, X2Paddle {sum(r[3] == 'x2paddle' for r in both)}, equal "
@@ -174,8 +175,37 @@ def write_three_way(out: Path, twin_csv: Path, x2p_csv: Path, order: Sequence[st
     worst = sorted(both, key=lambda r: -max(r[1], r[2]))[:25]
     for p, a, b, c in sorted(worst, key=lambda r: order.index(r[0])):
         lines.append(f"| `{p}` | {a:.3g} | {b:.3g} | {c} |")
+    lines += ["", "(the 25 modules where either port is worst, in execution order; every module in `three_way.csv`)"]
+    lines += [f"\n![{img}]({img})" for img in images]
     (out / "three_way.md").write_text("\n".join(lines) + "\n")
+    if (out / "report.md").is_file():
+        from .report import append_section
+        append_section(out, lines)
     return out / "three_way.csv"
+
+
+def _plot_three_way(out: Path, rows) -> list:
+    """three_way.png: both ports' relative error per torch module, in execution order (log scale)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is a dependency
+        return []
+    fig, ax = plt.subplots(figsize=(11, 3.4))
+    for col, label, style in ((1, "segtwin twin", "o"), (2, "X2Paddle", "x")):
+        pts = [(i, max(r[col], 1e-17)) for i, r in enumerate(rows) if r[col] is not None]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=6, marker=style, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("torch module output, execution order")
+    ax.set_ylabel("max|diff| / max|torch|")
+    ax.set_title("torch reference vs both Paddle ports, per module")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "three_way.png", dpi=90)
+    plt.close(fig)
+    return ["three_way.png"]
 
 
 def run(model: str, weights=None, model_cfg=None, input_size=None, out="segtwin_out", threads=None,

@@ -138,8 +138,9 @@ def test_pspnet_three_way_report_names_the_worst_layer(pspnet_run):
     both = [r for r in rows if r["twin_rel_err"] and r["x2paddle_rel_err"]]
     assert len(both) > 100 and rows[-1]["path"]  # the leaves are matched to X2Paddle's layers
     assert any(r["path"] == worst for r in both)
-    assert "| torch module | twin rel. error | X2Paddle rel. error | closer |" in \
-        (out / "pspnet_x2paddle" / "three_way.md").read_text()
+    for name in ("three_way.md", "report.md", "report.html"):  # the three-way view is part of the report too
+        assert "X2Paddle rel. error" in (out / "pspnet_x2paddle" / name).read_text(), name
+    assert (out / "pspnet_x2paddle" / "three_way.png").is_file()
     assert not list((out / "pspnet" / "weights").glob("*.pth"))  # the random weights are not left on disk
 
 
