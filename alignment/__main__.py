@@ -40,6 +40,11 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--cfg", action="append", default=[], metavar="KEY=VALUE",
                    help="model config for both twins, repeatable (e.g. --cfg psa_type=0 --cfg mask_size=59 "
                         "--cfg psa_impl=tensor)")
+    p.add_argument("--torch-cfg", action="append", default=[], metavar="KEY=VALUE",
+                   help="model config for the torch side only, on top of --cfg: cross-implementation alignment, "
+                        "e.g. --paddle-cfg psa_impl=fused against the torch reference path")
+    p.add_argument("--paddle-cfg", action="append", default=[], metavar="KEY=VALUE",
+                   help="model config for the Paddle side only, on top of --cfg (see --torch-cfg)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads for BOTH frameworks (default: $OMP_NUM_THREADS or 4)")
     p.add_argument("--free-run", action="store_true", help="backward step without lockstep: rounding differences "
@@ -81,6 +86,7 @@ def main_from_args(args) -> int:
     models = model_names() if args.all else [args.model]
     try:
         model_cfg = parse_model_cfg(args.cfg)
+        side_cfg = {"torch": parse_model_cfg(args.torch_cfg), "paddle": parse_model_cfg(args.paddle_cfg)}
     except AlignmentSetupError as e:
         log.error("%s", e)
         return 2
@@ -91,7 +97,7 @@ def main_from_args(args) -> int:
                     iters=args.iters, steps=[s.strip() for s in args.steps.split(",") if s.strip()],
                     seed=args.seed, num_classes=args.num_classes, threads=args.threads, trace=not args.no_trace,
                     lockstep=not args.free_run, model_cfg=model_cfg, full_artifacts=args.full_artifacts,
-                    keep_weights=args.keep_weights, config=args.config, opts=args.opts)
+                    keep_weights=args.keep_weights, config=args.config, opts=args.opts, side_cfg=side_cfg)
         except (AlignmentSetupError, FileNotFoundError, KeyError) as e:
             log.error("%s: %s", name, e.args[0] if e.args else e)
             return 2

@@ -267,8 +267,14 @@ def _train_batch(recipe, data: Path, n: int):
 
 def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=None, seed: int = 0,
             num_classes: Optional[int] = None, threads: Optional[int] = None, policy: Optional[Policy] = None,
-            iters: int = 3, model_cfg: Optional[dict] = None, config=None, opts=None) -> tuple:
+            iters: int = 3, model_cfg: Optional[dict] = None, config=None, opts=None,
+            side_cfg: Optional[dict] = None) -> tuple:
     """Build both twins from the same official-format weights and the shared batch. Returns (ctx, provenance).
+
+    side_cfg: {"torch": {...}, "paddle": {...}}: model options for one side only, on top of the shared config (an
+    implementation choice such as psa_impl / pam_impl: the torch reference path against the Paddle fused one, or the
+    other way round). Only options that leave the checkpoint's keys unchanged make sense here; the weights and the
+    conversion use the shared config.
 
     config: the training config whose recipe the loss/schedule/backward steps run (default: the model's official
     recipe config); given explicitly, its model keys and num_classes build the twins too (`model_cfg` wins)."""
@@ -340,21 +346,28 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
     cfg = dict(model_cfg or {})
     if num_classes:
         cfg["num_classes"] = num_classes
+    side_cfg = {side: dict((side_cfg or {}).get(side) or {}) for side in ("torch", "paddle")}
     try:
-        torch_model = torch_ref.load_official(name, src, **cfg)
+        torch_model = torch_ref.load_official(name, src, **{**cfg, **side_cfg["torch"]})
     except ConfigInferenceError as e:
         raise AlignmentSetupError(f"--weights {src}: {e}") from None
     except (TypeError, ValueError) as e:
         if isinstance(e, weights_convert.CheckpointError):
             raise
-        raise AlignmentSetupError(f"--weights {src}: cannot build the model with {cfg}: {e}") from None
+        extra = f" and --torch-cfg {side_cfg['torch']}" if side_cfg["torch"] else ""
+        raise AlignmentSetupError(f"--weights {src}: cannot build the model with {cfg}{extra}: {e}") from None
     _check_size(torch_model, size)
     nc = torch_model.num_classes
     _sync_loss_cfg(recipe, spec, torch_model, user_config=config is not None)
     dst = wdir / f"{name}.pdparams"
     report = weights_convert.convert(name, src, dst, cfg=cfg or None, overwrite=True)
     report.to_json(wdir / "convert_report.json")
-    paddle_model = paddle_impl.load_pdparams(name, dst, **cfg)
+    try:
+        paddle_model = paddle_impl.load_pdparams(name, dst, **{**cfg, **side_cfg["paddle"]})
+    except (TypeError, ValueError) as e:
+        if not side_cfg["paddle"]:
+            raise
+        raise AlignmentSetupError(f"--paddle-cfg {side_cfg['paddle']}: {e}") from None
 
     if images is None:
         images, labels, inputs_note = _synthetic_batch(size, nc, seed)
@@ -374,6 +387,7 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
         "threads_requested": n_threads, "flags": flags, "seed": seed, "input_shape": list(images.shape),
         "inputs": inputs_note, "num_classes": nc, "iters": iters,
         "model_cfg": {k: _jsonable(v) for k, v in report.cfg.items()},
+        "side_cfg": {side: {k: _jsonable(v) for k, v in c.items()} for side, c in side_cfg.items() if c},
         "weights": str(src), "weights_sha256": sha256_file(src), "random_weights": weights is None,
         "pdparams_sha256": sha256_file(dst), "git_commit": _git_commit(),
         "policy": policy.source if hasattr(policy, "source") else "alignment/tolerances.yaml",
@@ -458,9 +472,12 @@ def run(name: str, weights=None, out="segtwin_out", data=None, input_size=None, 
         steps: Sequence[str] = ("forward", "loss", "schedule", "backward", "metric"), seed: int = 0,
         num_classes: Optional[int] = None, threads: Optional[int] = None, policy: Optional[Policy] = None,
         trace: bool = True, full_artifacts: bool = False, progress: bool = True, lockstep: bool = True,
-        model_cfg: Optional[dict] = None, keep_weights: bool = False, config=None, opts=None) -> dict:
+        model_cfg: Optional[dict] = None, keep_weights: bool = False, config=None, opts=None,
+        side_cfg: Optional[dict] = None) -> dict:
     """Align the Paddle twin of `name` against its torch reference. Returns the verdict dict; `verdict['passed']`
     is True only when every requested step passed under the tolerance policy.
+
+    side_cfg: {"torch": {...}, "paddle": {...}}, model options for one side only (see `prepare`).
 
     keep_weights: keep the official-format .pth (random weights) and the converted .pdparams in OUT/NAME/weights/
     (default: only their SHA-256 in the provenance and the converter's report are kept; a ResNet-101 pair is
@@ -478,7 +495,7 @@ def run(name: str, weights=None, out="segtwin_out", data=None, input_size=None, 
     t0 = time.time()
     ctx, provenance = prepare(name, weights=weights, out=out, data=data, input_size=input_size, seed=seed,
                               num_classes=num_classes, threads=threads, policy=policy, iters=iters,
-                              model_cfg=model_cfg, config=config, opts=opts)
+                              model_cfg=model_cfg, config=config, opts=opts, side_cfg=side_cfg)
     ctx.full_artifacts = full_artifacts
     ctx.lockstep = lockstep
     results = {}
