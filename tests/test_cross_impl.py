@@ -42,7 +42,9 @@ def test_psanet_fused_against_the_other_frameworks_reference(tmp_path, monkeypat
     calls = _counting(monkeypatch, [("torch", TP, "psa_attend"), ("paddle", PP, "psa_attend")])
     other = "torch" if fused_side == "paddle" else "paddle"
     side_cfg = {fused_side: {"psa_impl": "fused"}, other: {"psa_impl": "cpp"}}
-    steps = ("forward", "loss", "backward") if fused_side == "paddle" else ("forward",)
+    # forward and loss (the training forward): the fused op's gradients are compared with the reference path's in
+    # float64 in both frameworks by tests/test_psa_attend.py; a backward step here costs 35 s of the suite's budget
+    steps = ("forward", "loss") if fused_side == "paddle" else ("forward",)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         v = alignment.run("psanet", out=str(tmp_path), steps=steps, iters=1, threads=2, progress=False,
