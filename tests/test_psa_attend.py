@@ -19,7 +19,9 @@ CASES = [
     (2, 4, 3, 4, 7, 9),     # larger than the full window (5, 7)
     (1, 3, 6, 6, 11, 11),   # exactly the full window
     (1, 2, 9, 7, 3, 5),     # H != W, small non-square mask (most pairs outside the window)
-    (1, 5, 17, 3, 5, 3),    # more rows than one tile band, thin map
+    (1, 5, 17, 3, 5, 3),    # thin map
+    (1, 3, 5, 37, 5, 7),    # rows wider than one 16-pixel group of the tile fill (3 groups, the last partial)
+    (2, 2, 4, 20, 9, 41),   # wide mask, larger than the full window (7, 39), two groups per row
 ]
 
 
@@ -71,6 +73,23 @@ def test_fused_equals_reference_float64(framework, case, psa_type):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-12, err_msg=name)
     # the logits' gradient is zero exactly where the window cell falls outside the image (no pair, no logit)
     assert np.count_nonzero(fused[2]) > 0
+
+
+@pytest.mark.parametrize("tile_bytes", ["1", "2000"])
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_fused_many_bands(framework, tile_bytes, monkeypatch):
+    """The kernels cut the map into bands of whole rows whose weight tile fits $SEGTWIN_PSA_ATTEND_TILE_BYTES
+    (8 MiB by default: one band at these sizes). 1 byte forces one row per band; 2000 bytes a few rows (float64:
+    2 rows of a 9x19 map). Every band boundary must give the same numbers as the reference."""
+    ref.require_op(framework)
+    monkeypatch.setenv("SEGTWIN_PSA_ATTEND_TILE_BYTES", tile_bytes)
+    for case in [(1, 3, 9, 19, 5, 7), (2, 2, 7, 5, 13, 9)]:
+        f, lg, g = _data(case, seed=11)
+        for psa_type in (0, 1):
+            fused = _run(framework, "fused", f, lg, g, psa_type, case[4:])
+            expected = _run(framework, "reference", f, lg, g, psa_type, case[4:])
+            for name, a, b in zip(("out", "grad_feat", "grad_logits"), fused, expected):
+                np.testing.assert_allclose(a, b, rtol=0, atol=1e-12, err_msg=f"{case} {psa_type} {name}")
 
 
 @pytest.mark.parametrize("psa_type", [0, 1])

@@ -1,24 +1,30 @@
 // segtwin fused PSA aggregation: the CPU driver. Host only, no framework headers.
 //
-// The per-pixel bodies come from psa_attend_kernel.h. The dense products run through a GEMM the framework glue
-// passes in (its own BLAS): the driver only ever hands it tiles, so no (HW, HW) matrix is ever formed. A tile is a
-// band of whole pixel rows on one side (a few rows, ~kTilePixels pixels) and, on the other side, the rows of pixels
-// that any of them pairs with through the window; pairs of the band outside the window have weight 0 in the tile.
-// Work: C * HW * (mask_h rows * W) multiply-adds per product, i.e. O(C * HW * |window|) when the window spans the
-// width (PSANet's full-coverage masks) and at most W/mask_w times that otherwise. Extra memory: O(HW * tile).
-//
 // Notation (psa_attend_kernel.h): out[c, p] = w0_p * S_c + sum_q D[q, p] x[c, q] with D = A - w0 inside windows.
 // Backward, g = d loss / d out:
 //   grad_x[c, q] = sum_p A[q, p] g[c, p] = sum_p D[q, p] g[c, p] + T_c,          T_c = sum_p w0_p g[c, p]
 //   dA[q, p]     = sum_c x[c, q] g[c, p]
 //   grad L[p, q] = A[q, p] (dA[q, p] - r_p) for q in win(p),   r_p = sum_q A[q, p] dA[q, p] = sum_c g[c, p] out[c, p]
-// and grad L lands on the logit of the pair (the out-of-window zeros are constants). Every output element is
-// written exactly once (no accumulation into the caller's buffers, no reliance on zeroed memory).
+// and grad L lands on the logit of the pair (the out-of-window zeros are constants).
+//
+// How the work is laid out (each pass touches memory in long contiguous runs):
+//  * statistics m_p, 1/Z_p, w0_p: cell by cell over the logits in their own layout (N, cells, H, W) -- for one
+//    cell the pairs of consecutive pixels of a row have consecutive logits -- one max pass and one exp pass, the
+//    threads splitting the image rows;
+//  * products: the image is cut into bands of whole pixel rows; for a band, a weight tile (band pixels x the
+//    pixel rows their windows reach) is filled in groups of kGroup consecutive pixels of one row, cell by cell (kGroup
+//    consecutive logits read, kGroup exps, kGroup tile rows each written left to right), then multiplied by the
+//    framework's own GEMM (passed in by the glue). The tile is at most ~kTileBytes, so no (HW, HW) matrix is formed.
+// Work: C * HW * (mask_h rows * W) multiply-adds per product -- O(C * HW * |window|) for PSANet's full-coverage
+// masks -- and 2 (forward) or 4 (backward) exps per pair. Extra memory: O(HW) statistics plus one tile.
+// Every output element is written exactly once (no accumulation into the caller's buffers, no reliance on zeroed
+// memory).
 #ifndef SEGTWIN_PSA_ATTEND_CPU_H_
 #define SEGTWIN_PSA_ATTEND_CPU_H_
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <vector>
 
@@ -31,46 +37,138 @@
 namespace segtwin {
 namespace psa {
 
-// c (m x n, contiguous) = op(a) @ b, op(a) = a (m x k, row stride lda) or, with trans_a, a^T for a stored k x m
-// (row stride lda); b is k x n with row stride ldb. Supplied by the glue (the framework's matmul).
+// c (m x n, contiguous) = op(a) @ op(b). op(a) is m x k: a stored m x k (row stride lda) or, with trans_a, a^T for
+// a stored k x m; op(b) is k x n: b stored k x n (row stride ldb) or, with trans_b, b^T for b stored n x k.
+// Supplied by the glue (the framework's matmul).
 template <typename T>
-using Gemm = std::function<void(bool trans_a, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
-                                int64_t ldb, T* c)>;
+using Gemm = std::function<void(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
+                                const T* b, int64_t ldb, T* c)>;
 
-constexpr int64_t kTilePixels = 256;
+constexpr int64_t kGroup = 16;  // consecutive pixels of one row filled together (one cache line of float logits)
 
-inline int64_t tile_rows(const AttendGeom& g) {
-  const int64_t rows = kTilePixels / (g.w > 0 ? g.w : 1);
-  return rows < 1 ? 1 : rows;
+// Upper bound of one weight tile in bytes: 8 MiB, or $SEGTWIN_PSA_ATTEND_TILE_BYTES (the tests shrink it to
+// exercise many bands).
+inline int64_t tile_bytes() {
+  const char* env = std::getenv("SEGTWIN_PSA_ATTEND_TILE_BYTES");
+  if (env != nullptr && *env != '\0') {
+    const long long v = std::atoll(env);
+    if (v > 0) return static_cast<int64_t>(v);
+  }
+  return int64_t(8) << 20;
 }
 
-// Per-pixel softmax statistics of batch item n: m[p], inv_z[p].
+// Rows per band: a tile of band pixels x (at most) every pixel of the map stays within tile_bytes().
 template <typename T>
-void attend_stats(const T* logits, const AttendGeom& g, int psa_type, int64_t n, T* m, T* inv_z, int threads) {
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && g.hw > 64)
-#else
-  (void)threads;
-#endif
-  for (int64_t p = 0; p < g.hw; ++p) row_stats(logits, g, psa_type, n, p, &m[p], &inv_z[p]);
+int64_t band_rows(const AttendGeom& g) {
+  const int64_t per_row = g.w * g.hw * static_cast<int64_t>(sizeof(T));
+  const int64_t rows = per_row > 0 ? tile_bytes() / per_row : g.h;
+  return imax(1, imin(rows, g.h));
 }
 
-// Fills the weight tile between a band of "tile" pixels [t0, t0 + nt) and the "other" pixels [o0, o0 + no):
-// tile[o * nt + t] = D of the pair, with p and q assigned by `tile_is_p`.
+// [lo, hi) of the partner rows of the rows [r0, r1): `rows_of(r)` gives the span of one row.
+template <typename RowsOf>
+void partner_rows(const AttendGeom& g, int64_t r0, int64_t r1, RowsOf rows_of, int64_t* lo, int64_t* hi) {
+  *lo = g.h;
+  *hi = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t a, b;
+    rows_of(r, &a, &b);
+    if (a < b) *lo = imin(*lo, a), *hi = imax(*hi, b);
+  }
+  if (*hi < *lo) *hi = *lo;
+}
+
 template <typename T>
-void fill_weights(const T* logits, const AttendGeom& g, int psa_type, int64_t n, const T* m, const T* inv_z,
-                  bool tile_is_p, int64_t t0, int64_t nt, int64_t o0, int64_t no, T* tile, int threads) {
+struct Stats {
+  std::vector<T> m, inv_z, w0;  // per pixel p: max, 1/Z and the out-of-window weight exp(-m)/Z
+};
+
+// The softmax statistics of every pixel p of batch item n (logits_n: that item's (cells, H, W) logits).
+template <typename T>
+void attend_stats(const T* logits_n, const AttendGeom& g, int psa_type, Stats<T>* st, int threads) {
+  st->m.assign(static_cast<size_t>(g.hw), T(0));  // the out-of-window zeros take part in the max
+  st->inv_z.assign(static_cast<size_t>(g.hw), T(0));
+  st->w0.resize(static_cast<size_t>(g.hw));
+  T* m = st->m.data();
+  T* z = st->inv_z.data();  // Z first, inverted at the end
+  const int64_t chunks = imax(1, imin(threads, g.h));
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && no * nt > 4096)
-#else
-  (void)threads;
+#pragma omp parallel for schedule(static) num_threads(threads) if (chunks > 1)
 #endif
-  for (int64_t o = 0; o < no; ++o) {
-    for (int64_t t = 0; t < nt; ++t) {
-      const int64_t p = tile_is_p ? t0 + t : o0 + o;
-      const int64_t q = tile_is_p ? o0 + o : t0 + t;
-      const int64_t idx = pair_logit(g, psa_type, n, p, q);
-      tile[o * nt + t] = idx < 0 ? T(0) : window_weight(logits[idx], m[p], inv_z[p]) - outside_weight(m[p], inv_z[p]);
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const int64_t ra = g.h * ch / chunks, rb = g.h * (ch + 1) / chunks;
+    for (int pass = 0; pass < 2; ++pass) {
+      for (int64_t i = 0; i < g.mask_h; ++i) {
+        for (int64_t j = 0; j < g.mask_w; ++j) {
+          const CellMap cm = cell_map(g, psa_type, true, i, j);
+          int64_t rlo, rhi, clo, chi;
+          partner_span(g.h, cm.fh, &rlo, &rhi);
+          partner_span(g.w, cm.fw, &clo, &chi);
+          rlo = imax(rlo, ra);
+          rhi = imin(rhi, rb);
+          const T* lc = logits_n + cm.cell * g.hw + cm.logit_off;
+          for (int64_t r = rlo; r < rhi; ++r) {
+            const int64_t p0 = r * g.w;
+            if (pass == 0) {
+              for (int64_t c = clo; c < chi; ++c) m[p0 + c] = lc[p0 + c] > m[p0 + c] ? lc[p0 + c] : m[p0 + c];
+            } else {
+              for (int64_t c = clo; c < chi; ++c) z[p0 + c] += exp_nonpos(lc[p0 + c] - m[p0 + c]);
+            }
+          }
+        }
+      }
+    }
+    for (int64_t p = ra * g.w; p < rb * g.w; ++p) {
+      const T e0 = exp_nonpos(-m[p]);
+      const T inv = T(1) / (z[p] + static_cast<T>(g.hw - window_count(g, psa_type, p)) * e0);
+      z[p] = inv;
+      st->w0[p] = e0 * inv;
+    }
+  }
+}
+
+// The correction tile of one band: tile[t * ldt + (v - v0)] = D of the pair of tile pixel u = u0 + t and other
+// pixel v, for the band's whole rows [r0, r1) and the other pixels [v0, v0 + ldt) (whole rows covering every
+// partner of the band); 0 for pairs outside the window. u is p (forward) or q (backward, grad_x).
+template <typename T>
+void fill_tile(const T* logits_n, const AttendGeom& g, int psa_type, bool tile_is_p, const Stats<T>& st, int64_t r0,
+               int64_t r1, int64_t v0, int64_t ldt, T* tile, int threads) {
+  const int64_t groups_per_row = (g.w + kGroup - 1) / kGroup;
+  const int64_t items = (r1 - r0) * groups_per_row;
+  const int64_t u0 = r0 * g.w;
+  const T* m = st.m.data();
+  const T* iz = st.inv_z.data();
+  const T* w0 = st.w0.data();
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && items > 1)
+#endif
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t r = r0 + it / groups_per_row;
+    const int64_t c0 = (it % groups_per_row) * kGroup, c1 = imin(c0 + kGroup, g.w);
+    for (int64_t c = c0; c < c1; ++c) {  // the group's tile rows start at zero
+      T* row = tile + (r * g.w + c - u0) * ldt;
+      for (int64_t k = 0; k < ldt; ++k) row[k] = T(0);
+    }
+    T val[kGroup];
+    for (int64_t i = 0; i < g.mask_h; ++i) {
+      for (int64_t j = 0; j < g.mask_w; ++j) {
+        const CellMap cm = cell_map(g, psa_type, tile_is_p, i, j);
+        const int64_t vr = r + cm.fh;
+        if (vr < 0 || vr >= g.h) break;  // the whole window row i is outside the image
+        int64_t clo, chi;
+        partner_span(g.w, cm.fw, &clo, &chi);
+        clo = imax(clo, c0);
+        chi = imin(chi, c1);
+        if (clo >= chi) continue;
+        const int64_t u = r * g.w + clo, len = chi - clo;
+        const T* lc = logits_n + cm.cell * g.hw + cm.logit_off + u;
+        const T* ms = m + cm.stats_off + u;
+        const T* is = iz + cm.stats_off + u;
+        const T* ws = w0 + cm.stats_off + u;
+        for (int64_t k = 0; k < len; ++k) val[k] = exp_nonpos(lc[k] - ms[k]) * is[k] - ws[k];
+        T* dst = tile + (u - u0) * ldt + (vr * g.w + clo + cm.fw - v0);
+        for (int64_t k = 0; k < len; ++k) dst[k * (ldt + 1)] = val[k];
+      }
     }
   }
 }
@@ -78,38 +176,36 @@ void fill_weights(const T* logits, const AttendGeom& g, int psa_type, int64_t n,
 template <typename T>
 void psa_attend_forward_cpu(const T* x, const T* logits, T* out, const AttendGeom& g, int psa_type, const Gemm<T>& gemm,
                             int threads) {
-  std::vector<T> m(g.hw), inv_z(g.hw), sums(g.c), tile, prod;
-  const int64_t rows = tile_rows(g);
+  Stats<T> st;
+  std::vector<T> sums(static_cast<size_t>(g.c)), tile, prod;
+  const int64_t rows = band_rows<T>(g);
   for (int64_t n = 0; n < g.n; ++n) {
     const T* xn = x + n * g.c * g.hw;
+    const T* ln = logits + n * g.cells * g.hw;
     T* on = out + n * g.c * g.hw;
-    attend_stats(logits, g, psa_type, n, m.data(), inv_z.data(), threads);
+    attend_stats(ln, g, psa_type, &st, threads);
     for (int64_t c = 0; c < g.c; ++c) {
       T s = T(0);
       for (int64_t q = 0; q < g.hw; ++q) s += xn[c * g.hw + q];
       sums[c] = s;
     }
-    for (int64_t r0 = 0; r0 < g.h; r0 += rows) {  // a band of p rows
+    for (int64_t r0 = 0; r0 < g.h; r0 += rows) {  // a band of p rows against the q rows of their windows
       const int64_t r1 = imin(r0 + rows, g.h);
-      int64_t lo = g.h, hi = 0;
-      for (int64_t r = r0; r < r1; ++r) {
-        int64_t a, b;
-        q_rows_of_p_row(g, psa_type, r, &a, &b);
-        if (a < b) lo = imin(lo, a), hi = imax(hi, b);
-      }
-      const int64_t p0 = r0 * g.w, np = (r1 - r0) * g.w;
-      const int64_t q0 = lo * g.w, nq = hi > lo ? (hi - lo) * g.w : 0;
+      int64_t lo, hi;
+      partner_rows(g, r0, r1, [&](int64_t r, int64_t* a, int64_t* b) { q_rows_of_p_row(g, psa_type, r, a, b); },
+                   &lo, &hi);
+      const int64_t p0 = r0 * g.w, np = (r1 - r0) * g.w, q0 = lo * g.w, nq = (hi - lo) * g.w;
       prod.assign(static_cast<size_t>(g.c * np), T(0));
       if (nq > 0) {
-        tile.resize(static_cast<size_t>(nq * np));
-        fill_weights(logits, g, psa_type, n, m.data(), inv_z.data(), true, p0, np, q0, nq, tile.data(), threads);
-        gemm(false, g.c, np, nq, xn + q0, g.hw, tile.data(), np, prod.data());
+        tile.resize(static_cast<size_t>(np * nq));
+        fill_tile(ln, g, psa_type, true, st, r0, r1, q0, nq, tile.data(), threads);
+        gemm(false, true, g.c, np, nq, xn + q0, g.hw, tile.data(), nq, prod.data());
       }
       for (int64_t c = 0; c < g.c; ++c) {
-        for (int64_t t = 0; t < np; ++t) {
-          const int64_t p = p0 + t;
-          on[c * g.hw + p] = prod[c * np + t] + outside_weight(m[p], inv_z[p]) * sums[c];
-        }
+        const T* pr = prod.data() + c * np;
+        const T* w0 = st.w0.data() + p0;
+        T* dst = on + c * g.hw + p0;
+        for (int64_t t = 0; t < np; ++t) dst[t] = pr[t] + w0[t] * sums[c];
       }
     }
   }
@@ -119,87 +215,92 @@ void psa_attend_forward_cpu(const T* x, const T* logits, T* out, const AttendGeo
 template <typename T>
 void psa_attend_backward_cpu(const T* g_out, const T* x, const T* logits, const T* out, T* grad_x, T* grad_logits,
                              const AttendGeom& g, int psa_type, const Gemm<T>& gemm, int threads) {
-  std::vector<T> m(g.hw), inv_z(g.hw), tsum(g.c), r(g.hw), tile, prod;
-  const int64_t rows = tile_rows(g);
+  Stats<T> st;
+  std::vector<T> tsum(static_cast<size_t>(g.c)), r(static_cast<size_t>(g.hw)), tile, prod;
+  const int64_t rows = band_rows<T>(g);
   for (int64_t n = 0; n < g.n; ++n) {
     const T* xn = x + n * g.c * g.hw;
     const T* gn = g_out + n * g.c * g.hw;
     const T* on = out + n * g.c * g.hw;
+    const T* ln = logits + n * g.cells * g.hw;
     T* gxn = grad_x + n * g.c * g.hw;
-    attend_stats(logits, g, psa_type, n, m.data(), inv_z.data(), threads);
+    T* gln = grad_logits + n * g.cells * g.hw;
+    attend_stats(ln, g, psa_type, &st, threads);
     for (int64_t c = 0; c < g.c; ++c) {
       T s = T(0);
-      for (int64_t p = 0; p < g.hw; ++p) s += outside_weight(m[p], inv_z[p]) * gn[c * g.hw + p];
+      for (int64_t p = 0; p < g.hw; ++p) s += st.w0[p] * gn[c * g.hw + p];
       tsum[c] = s;
     }
-    for (int64_t p = 0; p < g.hw; ++p) {
-      T s = T(0);
-      for (int64_t c = 0; c < g.c; ++c) s += gn[c * g.hw + p] * on[c * g.hw + p];
-      r[p] = s;
+    for (int64_t p = 0; p < g.hw; ++p) r[p] = T(0);
+    for (int64_t c = 0; c < g.c; ++c) {
+      for (int64_t p = 0; p < g.hw; ++p) r[p] += gn[c * g.hw + p] * on[c * g.hw + p];
     }
-    // grad_x, by bands of q rows: grad_x[:, band] = g[:, p rows pairing with the band] @ E + T.
+    // grad_x, by bands of q rows: grad_x[:, band] = g[:, p rows pairing with the band] @ D^T + T.
     for (int64_t r0 = 0; r0 < g.h; r0 += rows) {
       const int64_t r1 = imin(r0 + rows, g.h);
-      int64_t lo = g.h, hi = 0;
-      for (int64_t rr = r0; rr < r1; ++rr) {
-        int64_t a, b;
-        p_rows_of_q_row(g, psa_type, rr, &a, &b);
-        if (a < b) lo = imin(lo, a), hi = imax(hi, b);
-      }
-      const int64_t q0 = r0 * g.w, nq = (r1 - r0) * g.w;
-      const int64_t p0 = lo * g.w, np = hi > lo ? (hi - lo) * g.w : 0;
+      int64_t lo, hi;
+      partner_rows(g, r0, r1, [&](int64_t rr, int64_t* a, int64_t* b) { p_rows_of_q_row(g, psa_type, rr, a, b); },
+                   &lo, &hi);
+      const int64_t q0 = r0 * g.w, nq = (r1 - r0) * g.w, p0 = lo * g.w, np = (hi - lo) * g.w;
       prod.assign(static_cast<size_t>(g.c * nq), T(0));
       if (np > 0) {
-        tile.resize(static_cast<size_t>(np * nq));
-        fill_weights(logits, g, psa_type, n, m.data(), inv_z.data(), false, q0, nq, p0, np, tile.data(), threads);
-        gemm(false, g.c, nq, np, gn + p0, g.hw, tile.data(), nq, prod.data());
+        tile.resize(static_cast<size_t>(nq * np));
+        fill_tile(ln, g, psa_type, false, st, r0, r1, p0, np, tile.data(), threads);
+        gemm(false, true, g.c, nq, np, gn + p0, g.hw, tile.data(), np, prod.data());
       }
       for (int64_t c = 0; c < g.c; ++c) {
         for (int64_t t = 0; t < nq; ++t) gxn[c * g.hw + q0 + t] = prod[c * nq + t] + tsum[c];
       }
     }
-    // grad_logits, by bands of owner rows (p for collect, q for distribute): dA of the band against the partner
-    // rows, then each logit of the band's pixels (every cell, zero where the partner is outside the image).
+    // grad_logits, by bands of owner rows (p for collect, q for distribute): dA of the band's owners against their
+    // partners (owner-major), then every logit of the band: cell by cell over groups of consecutive owners.
     for (int64_t r0 = 0; r0 < g.h; r0 += rows) {
       const int64_t r1 = imin(r0 + rows, g.h);
-      int64_t lo = g.h, hi = 0;
-      for (int64_t rr = r0; rr < r1; ++rr) {
-        int64_t a, b;
-        if (psa_type == kCollect) {
-          q_rows_of_p_row(g, psa_type, rr, &a, &b);
-        } else {
-          p_rows_of_q_row(g, psa_type, rr, &a, &b);
-        }
-        if (a < b) lo = imin(lo, a), hi = imax(hi, b);
-      }
-      const int64_t o0 = r0 * g.w, no = (r1 - r0) * g.w;    // owners
-      const int64_t t0 = lo * g.w, nt = hi > lo ? (hi - lo) * g.w : 0;  // partners
+      int64_t lo, hi;  // partner = owner + d for both types
+      partner_rows(g, r0, r1, [&](int64_t rr, int64_t* a, int64_t* b) { q_rows_of_p_row(g, kCollect, rr, a, b); },
+                   &lo, &hi);
+      const int64_t o0 = r0 * g.w, no = (r1 - r0) * g.w, t0 = lo * g.w, nt = (hi - lo) * g.w;
       if (nt > 0) {
-        // dA rows = partners, columns = owners. collect: dA[q, p] = x[:, q]^T g[:, p]; distribute: the partner is
-        // p and the owner q: dA^T[p, q] = g[:, p]^T x[:, q].
-        prod.resize(static_cast<size_t>(nt * no));
-        if (psa_type == kCollect) {
-          gemm(true, nt, no, g.c, xn + t0, g.hw, gn + o0, g.hw, prod.data());
-        } else {
-          gemm(true, nt, no, g.c, gn + t0, g.hw, xn + o0, g.hw, prod.data());
-        }
+        // collect: owners p, partners q: dA^T[p, q] = g[:, p]^T x[:, q]; distribute: owners q, partners p:
+        // dA[q, p] = x[:, q]^T g[:, p].
+        prod.resize(static_cast<size_t>(no * nt));
+        const T* own = psa_type == kCollect ? gn : xn;
+        const T* par = psa_type == kCollect ? xn : gn;
+        gemm(true, false, no, nt, g.c, own + o0, g.hw, par + t0, g.hw, prod.data());
       }
+      const int64_t groups_per_row = (g.w + kGroup - 1) / kGroup;
+      const int64_t items = (r1 - r0) * groups_per_row;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && no * g.cells > 4096)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && items > 1)
 #endif
-      for (int64_t o = 0; o < no; ++o) {
-        const int64_t owner = o0 + o;
+      for (int64_t it = 0; it < items; ++it) {
+        const int64_t row = r0 + it / groups_per_row;
+        const int64_t c0 = (it % groups_per_row) * kGroup, c1 = imin(c0 + kGroup, g.w);
         for (int64_t i = 0; i < g.mask_h; ++i) {
           for (int64_t j = 0; j < g.mask_w; ++j) {
-            const int64_t partner = cell_partner(g, owner, i, j);
-            const int64_t idx = (n * g.cells + i * g.mask_w + j) * g.hw + owner;
-            if (partner < 0) {
-              grad_logits[idx] = T(0);
-              continue;
+            // seen from the owner: the partner is owner + d, the logit at the owner, the statistics at p
+            const CellMap cm = cell_map(g, kCollect, true, i, j);
+            const int64_t stats_off = psa_type == kCollect ? 0 : cm.fh * g.w + cm.fw;
+            T* dst = gln + cm.cell * g.hw + row * g.w;
+            int64_t clo = c1, chi = c1;  // the owners of the group whose partner is inside the image
+            const int64_t pr = row + cm.fh;
+            if (pr >= 0 && pr < g.h) {
+              partner_span(g.w, cm.fw, &clo, &chi);
+              clo = imin(imax(clo, c0), c1);
+              chi = imax(imin(chi, c1), clo);
             }
-            const int64_t p = psa_type == kCollect ? owner : partner;
-            const T a = window_weight(logits[idx], m[p], inv_z[p]);
-            grad_logits[idx] = a * (prod[(partner - t0) * no + o] - r[p]);
+            for (int64_t c = c0; c < clo; ++c) dst[c] = T(0);  // no pair, no logit: gradient 0
+            for (int64_t c = chi; c < c1; ++c) dst[c] = T(0);
+            if (clo == chi) continue;
+            const int64_t u = row * g.w + clo, len = chi - clo;
+            const T* lc = ln + cm.cell * g.hw + u;
+            const T* ms = st.m.data() + stats_off + u;
+            const T* is = st.inv_z.data() + stats_off + u;
+            const T* rs = r.data() + stats_off + u;
+            const T* da = prod.data() + (u - o0) * nt + (u + cm.fh * g.w + cm.fw - t0);
+            T dav[kGroup];
+            for (int64_t k = 0; k < len; ++k) dav[k] = da[k * (nt + 1)];
+            for (int64_t k = 0; k < len; ++k) dst[clo + k] = exp_nonpos(lc[k] - ms[k]) * is[k] * (dav[k] - rs[k]);
           }
         }
       }

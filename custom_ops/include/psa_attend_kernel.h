@@ -19,6 +19,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "psa_mask_kernel.h"
 
@@ -45,25 +46,6 @@ SEGTWIN_HD AttendGeom make_attend_geom(int64_t n, int64_t c, int64_t h, int64_t 
   return g;
 }
 
-// Index of the logit of pair (p, q) in logits (N, cells, H, W), or -1 when q is outside p's window.
-SEGTWIN_HD int64_t pair_logit(const AttendGeom& g, int psa_type, int64_t n, int64_t p, int64_t q) {
-  const int64_t ph = p / g.w, pw = p - ph * g.w, qh = q / g.w, qw = q - qh * g.w;
-  // collect: cell = q - p + half (owner p); distribute: cell = p - q + half (owner q)
-  const int64_t i = (psa_type == kCollect ? qh - ph : ph - qh) + g.half_h;
-  const int64_t j = (psa_type == kCollect ? qw - pw : pw - qw) + g.half_w;
-  if (i < 0 || i >= g.mask_h || j < 0 || j >= g.mask_w) return -1;
-  return (n * g.cells + i * g.mask_w + j) * g.hw + (psa_type == kCollect ? p : q);
-}
-
-// The pixel paired with `owner` through window cell (i, j): q of p for collect, p of q for distribute -- in both
-// cases owner + (i - half_h, j - half_w). -1 when it falls outside the image.
-SEGTWIN_HD int64_t cell_partner(const AttendGeom& g, int64_t owner, int64_t i, int64_t j) {
-  const int64_t oh = owner / g.w, ow = owner - oh * g.w;
-  const int64_t th = oh + i - g.half_h, tw = ow + j - g.half_w;
-  if (th < 0 || th >= g.h || tw < 0 || tw >= g.w) return -1;
-  return th * g.w + tw;
-}
-
 // Rows of q in p-row ph's windows (and, swapped, rows of p whose windows hold q-row qh): [lo, hi), clipped.
 SEGTWIN_HD void q_rows_of_p_row(const AttendGeom& g, int psa_type, int64_t ph, int64_t* lo, int64_t* hi) {
   const int64_t first = psa_type == kCollect ? ph - g.half_h : ph + g.half_h - g.mask_h + 1;
@@ -76,6 +58,49 @@ SEGTWIN_HD void p_rows_of_q_row(const AttendGeom& g, int psa_type, int64_t qh, i
   *lo = imax(first, 0);
   *hi = imin(first + g.mask_h, g.h);
   if (*hi < *lo) *hi = *lo;
+}
+
+// Window cell (i, j) seen from a "tile" pixel u, for the loops that walk the pairs cell by cell. With
+// d = (i - half_h, j - half_w): collect pairs p with q = p + d, distribute pairs p with q = p - d; the logit of
+// the pair lives at p (collect) or q (distribute). Seen from u = p (tile_is_p) or u = q (otherwise), the partner
+// pixel is u + (fh, fw) and, in flat indices, the pair's logit sits at plane `cell`, pixel u + logit_off, and the
+// pair's softmax statistics (those of p) at u + stats_off. Every offset is the same for all u of the map, so a run
+// of consecutive u along an image row reads consecutive logits and statistics.
+struct CellMap {
+  int64_t cell, fh, fw, logit_off, stats_off;
+};
+
+SEGTWIN_HD CellMap cell_map(const AttendGeom& g, int psa_type, bool tile_is_p, int64_t i, int64_t j) {
+  const int64_t sign = psa_type == kCollect ? 1 : -1;
+  const int64_t eh = sign * (i - g.half_h), ew = sign * (j - g.half_w);  // q = p + e
+  const int64_t e = eh * g.w + ew;
+  CellMap c;
+  c.cell = i * g.mask_w + j;
+  c.fh = tile_is_p ? eh : -eh;
+  c.fw = tile_is_p ? ew : -ew;
+  const int64_t owner_from_p = psa_type == kCollect ? 0 : e;  // owner - p
+  c.logit_off = tile_is_p ? owner_from_p : owner_from_p - e;
+  c.stats_off = tile_is_p ? 0 : -e;
+  return c;
+}
+
+// The u of one axis (size `size`) whose partner u + f stays inside [0, size): [lo, hi), possibly empty.
+SEGTWIN_HD void partner_span(int64_t size, int64_t f, int64_t* lo, int64_t* hi) {
+  *lo = imax(0, -f);
+  *hi = imin(size, size - f);
+  if (*hi < *lo) *hi = *lo;
+}
+
+// Number of window cells of pixel p whose pair lies inside the image: the rows of the window inside the image
+// times its columns (the window is a rectangle).
+SEGTWIN_HD int64_t window_count(const AttendGeom& g, int psa_type, int64_t p) {
+  const int64_t ph = p / g.w, pw = p - ph * g.w;
+  int64_t rlo, rhi, clo, chi;
+  q_rows_of_p_row(g, psa_type, ph, &rlo, &rhi);
+  const int64_t first_col = psa_type == kCollect ? pw - g.half_w : pw + g.half_w - g.mask_w + 1;
+  clo = imax(first_col, 0);
+  chi = imin(first_col + g.mask_w, g.w);
+  return (rhi - rlo) * (chi > clo ? chi - clo : 0);
 }
 
 // Window cell (i, j) of pixel p: returns the paired q (-1 when outside the image) and sets *idx to the logit's
@@ -91,6 +116,74 @@ SEGTWIN_HD int64_t window_pair(const AttendGeom& g, int psa_type, int64_t n, int
   const int64_t q = qh * g.w + qw;
   *idx = (n * g.cells + i * g.mask_w + j) * g.hw + (psa_type == kCollect ? p : q);
   return q;
+}
+
+// exp(x) for x <= 0 (and NaN), written with plain arithmetic so that the CPU loops vectorise: Cody-Waite range
+// reduction x = k ln2 + r, |r| <= ln2/2, a Taylor polynomial of e^r (degree 7 for float: truncation 5e-9 relative;
+// degree 13 for double: 4e-18) and 2^k built in the exponent bits. Arguments below the smallest normal result
+// (-87 for float, -708 for double) give 0 where exp would give a subnormal (< 1.2e-38 / 2.3e-308): the softmax
+// denominators here are >= 1, so the weights differ from exp's by less than that. NaN stays NaN, -inf gives 0.
+template <typename T>
+struct ExpBits;
+template <>
+struct ExpBits<float> {
+  using I = int32_t;
+  static constexpr float kLo = -87.0f, kShifter = 12582912.0f;  // 1.5 * 2**23
+  static constexpr I kShifterBits = 0x4B400000, kBias = 127, kMantissa = 23;
+  static constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187045e-06f;
+};
+template <>
+struct ExpBits<double> {
+  using I = int64_t;
+  static constexpr double kLo = -708.0, kShifter = 6755399441055744.0;  // 1.5 * 2**52
+  static constexpr I kShifterBits = 0x4338000000000000LL, kBias = 1023, kMantissa = 52;
+  static constexpr double kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
+};
+
+// Horner form of the Taylor polynomial, 1 + r(1 + r/2(1 + r/3(...))), unrolled so that the loops calling it
+// vectorise.
+inline float exp_poly(float r) {
+  float p = 1.0f + r * (1.0f / 7.0f);
+  p = 1.0f + r * (1.0f / 6.0f) * p;
+  p = 1.0f + r * (1.0f / 5.0f) * p;
+  p = 1.0f + r * (1.0f / 4.0f) * p;
+  p = 1.0f + r * (1.0f / 3.0f) * p;
+  p = 1.0f + r * 0.5f * p;
+  return 1.0f + r * p;
+}
+inline double exp_poly(double r) {
+  double p = 1.0 + r * (1.0 / 13.0);
+  p = 1.0 + r * (1.0 / 12.0) * p;
+  p = 1.0 + r * (1.0 / 11.0) * p;
+  p = 1.0 + r * (1.0 / 10.0) * p;
+  p = 1.0 + r * (1.0 / 9.0) * p;
+  p = 1.0 + r * (1.0 / 8.0) * p;
+  p = 1.0 + r * (1.0 / 7.0) * p;
+  p = 1.0 + r * (1.0 / 6.0) * p;
+  p = 1.0 + r * (1.0 / 5.0) * p;
+  p = 1.0 + r * (1.0 / 4.0) * p;
+  p = 1.0 + r * (1.0 / 3.0) * p;
+  p = 1.0 + r * 0.5 * p;
+  return 1.0 + r * p;
+}
+
+template <typename T>
+inline T exp_nonpos(T x) {
+  using B = ExpBits<T>;
+  using I = typename B::I;
+  const T xc = x < B::kLo ? B::kLo : x;
+  const T t = xc * T(1.4426950408889634) + B::kShifter;  // round(x / ln2) in the low mantissa bits
+  const T kf = t - B::kShifter;
+  I tb;
+  std::memcpy(&tb, &t, sizeof(T));
+  const I k = tb - B::kShifterBits;
+  const T r = (xc - kf * B::kLn2Hi) - kf * B::kLn2Lo;
+  const T poly = exp_poly(r);
+  const I eb = (k + B::kBias) << B::kMantissa;
+  T scale;
+  std::memcpy(&scale, &eb, sizeof(T));
+  const T y = poly * scale;
+  return x < B::kLo ? T(0) : y;
 }
 
 // Softmax statistics of pixel p: m_p and 1/Z_p (see the header comment), over the window cells of p.
@@ -117,12 +210,6 @@ SEGTWIN_HD void row_stats(const T* logits, const AttendGeom& g, int psa_type, in
   *m_out = m;
   *inv_z_out = T(1) / z;
 }
-
-// Attention weight A[q, p] of a pair inside the window from its logit, and the correction D = A - w0.
-template <typename T>
-SEGTWIN_HD T window_weight(T logit, T m, T inv_z) { return exp(logit - m) * inv_z; }
-template <typename T>
-SEGTWIN_HD T outside_weight(T m, T inv_z) { return exp(-m) * inv_z; }
 
 }  // namespace psa
 }  // namespace segtwin

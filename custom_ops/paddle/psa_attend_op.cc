@@ -29,9 +29,12 @@ psa::AttendGeom check_attend(const char* op, const paddle::Tensor& feat, const p
   return psa::make_attend_geom(f[0], f[1], f[2], f[3], mask_h, mask_w);
 }
 
-// Copies a (rows x cols, row stride ld) block into a contiguous Paddle tensor.
+// A (rows x cols, row stride ld) block as a Paddle tensor: the caller's memory itself when the rows are
+// contiguous, else a packed copy.
 template <typename T>
-paddle::Tensor packed(const T* a, int64_t rows, int64_t cols, int64_t ld, paddle::DataType dt) {
+paddle::Tensor block(const T* a, int64_t rows, int64_t cols, int64_t ld, paddle::DataType dt) {
+  if (ld == cols) return paddle::from_blob(const_cast<T*>(a), {rows, cols}, dt, phi::DataLayout::NCHW,
+                                           paddle::CPUPlace());
   paddle::Tensor t = paddle::empty({rows, cols}, dt, paddle::CPUPlace());
   T* d = t.data<T>();
   for (int64_t r = 0; r < rows; ++r) std::memcpy(d + r * cols, a + r * ld, static_cast<size_t>(cols) * sizeof(T));
@@ -40,11 +43,11 @@ paddle::Tensor packed(const T* a, int64_t rows, int64_t cols, int64_t ld, paddle
 
 template <typename T>
 psa::Gemm<T> paddle_gemm(paddle::DataType dt) {
-  return [dt](bool trans_a, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
-              T* c) {
-    const paddle::Tensor ta = trans_a ? packed(a, k, m, lda, dt) : packed(a, m, k, lda, dt);
-    const paddle::Tensor tb = packed(b, k, n, ldb, dt);
-    paddle::Tensor tc = paddle::experimental::matmul(ta, tb, trans_a, false);
+  return [dt](bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+              int64_t ldb, T* c) {
+    const paddle::Tensor ta = trans_a ? block(a, k, m, lda, dt) : block(a, m, k, lda, dt);
+    const paddle::Tensor tb = trans_b ? block(b, n, k, ldb, dt) : block(b, k, n, ldb, dt);
+    paddle::Tensor tc = paddle::experimental::matmul(ta, tb, trans_a, trans_b);
     if (!tc.is_contiguous()) tc = tc.contiguous();
     std::memcpy(c, tc.data<T>(), static_cast<size_t>(m * n) * sizeof(T));
   };

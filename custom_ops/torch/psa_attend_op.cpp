@@ -38,11 +38,12 @@ psa::AttendGeom check_attend(const char* op, const at::Tensor& feat, const at::T
 
 template <typename T>
 psa::Gemm<T> torch_gemm(const at::TensorOptions& opts) {
-  return [opts](bool trans_a, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
-                T* c) {
+  return [opts](bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+                int64_t ldb, T* c) {
     at::Tensor ta = trans_a ? at::from_blob(const_cast<T*>(a), {k, m}, {lda, 1}, opts).t()
                             : at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, opts);
-    at::Tensor tb = at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, opts);
+    at::Tensor tb = trans_b ? at::from_blob(const_cast<T*>(b), {n, k}, {ldb, 1}, opts).t()
+                            : at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, opts);
     at::Tensor tc = at::from_blob(c, {m, n}, opts);
     at::mm_out(tc, ta, tb);
   };
