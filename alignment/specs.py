@@ -50,7 +50,11 @@ class ModelSpec:
         are relabelled so the loss sees the official ones. None: the dataset's ignore index as it is.
     head_prefixes / head_lr_mult: parameter names of the "head" group of the official recipe and its lr multiplier.
     zero_init_params: parameters initialised to zero that switch a whole branch off (the alignment wakes them).
-    custom_ops: custom operators the model needs ("psa_mask"): exported programs must load them.
+    custom_ops: custom operators the model may need ("psa_mask", "psa_attend"): exported programs must load them.
+    inference_cfg: model options the inference commands (`segtwin eval`, `predict`, `export`) take where the
+        config's `model:` section does not set the key (`engine._cli.inference_options`): implementation choices
+        proven equal to the official path that need less memory. Training and `segtwin align` build the config as
+        written (the model's own defaults).
     input_rule: the official code's input-size rule in words (enforced by the model's `check_input`).
     align_input / align_cfg: the default `segtwin align` input (N, C, H, W) and model cfg.
     partial_aliases: `--partial NAME` -> twin key prefixes (e.g. "backbone"). source_flavours: names of foreign
@@ -97,6 +101,7 @@ class ModelSpec:
     loss_terms_by: Tuple[Tuple[str, Any, Tuple[Tuple[str, float], ...]], ...] = ()
     official_loss: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     init_keeps: Tuple[Tuple[str, str], ...] = ()
+    inference_cfg: Mapping[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------------------------ twins
     def module(self, framework: str):
@@ -239,10 +244,12 @@ SPECS: Dict[str, ModelSpec] = {
         official_format="semseg",
         loss_terms=(("main", 1.0), ("aux", 0.4)),  # semseg: same criterion and aux weight as PSPNet
         head_prefixes=("psa.", "cls.", "aux."), head_lr_mult=10.0,
-        custom_ops=("psa_mask",),
+        custom_ops=("psa_mask", "psa_attend"),  # one library holds both (custom_ops/build.py PADDLE_OPS)
         input_rule=_SEMSEG_INPUT, align_input=(2, 3, 65, 65),
         partial_aliases={"backbone": _RESNET_STAGES}, source_flavours=("semseg-imagenet-resnet",),
         recipe="paddle_impl/configs/psanet_r50_cityscapes_1024x512_80k.yml",
+        # fused PSA aggregation (ops/psa_attend.py): no (N, HW, HW) map; equal to the reference to 2.4e-15 (float64)
+        inference_cfg={"psa_impl": "fused"},
     ),
     "danet": ModelSpec(
         name="danet", title="DANet-R101", upstream="junfu1115/DANet encoding/models/sseg/danet.py",
@@ -261,6 +268,8 @@ SPECS: Dict[str, ModelSpec] = {
                        "model"),),
         backbone_prefixes=("pretrained.", ""),
         recipe="paddle_impl/configs/danet_r101_cityscapes.yml",
+        # PAM without the (N, HW, HW) map (layers.position_attention); equal to the reference (docs/danet.md)
+        inference_cfg={"pam_impl": "efficient"},
     ),
     "pointrend": ModelSpec(
         name="pointrend", title="SemanticFPN+PointRend-R101",

@@ -327,16 +327,19 @@ class Config:
         return "\n".join(head) + "\n" + yaml.safe_dump(_yaml_plain(self.raw), sort_keys=False)
 
     # ------------------------------------------------------------------------------------------------ builders
-    def build_model(self):
-        """``paddle_impl.build_model(model.type, num_classes=..., <other model keys>)``; ``model.pretrained`` (a
+    def build_model(self, defaults: Optional[Dict[str, Any]] = None):
+        """``paddle_impl.build_model(model.type, num_classes=..., <other model keys>)``, with ``defaults`` (model
+        keys) filling in keys the ``model`` section does not set (``segtwin eval``/``predict``/``export`` pass the
+        spec's ``inference_cfg`` through ``engine._cli.build_model``; the trainer passes none); ``model.pretrained`` (a
         full-model .pdparams) is loaded strictly when set; ``model.backbone_pretrained`` (e.g. ImageNet weights
         converted with ``segtwin convert --partial backbone``) must hold every key under the spec's backbone prefixes
         (``partial_aliases['backbone']``: the trunk) with the right shape and nothing else, except the spec's
         ``init_keeps`` (HRNet's PSA blocks), which keep their initialisation and are listed in ``self.init_kept``."""
         import paddle_impl
         from .checkpoint import read_state_file, strict_load
-        cfg = {k: v for k, v in self.raw["model"].items()
-               if k not in ("type", "pretrained", "backbone_pretrained", "num_classes")}
+        cfg = dict(defaults or {})
+        cfg.update({k: v for k, v in self.raw["model"].items()
+                    if k not in ("type", "pretrained", "backbone_pretrained", "num_classes")})
         try:
             model = paddle_impl.build_model(self.model_type, num_classes=self.num_classes, **cfg)
         except TypeError as e:

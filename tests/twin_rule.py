@@ -199,6 +199,17 @@ ALLOW = (
           "returns",
           torch=(Line("load_op()", within="def psa_mask("), Line("return torch.ops.segtwin.psa_mask(x, t, mask_h")),
           paddle=(Line("module = load_op()"), Line("return module.psa_mask(x, t, mask_h, mask_w)"))),
+    # -- ops/psa_attend.py ------------------------------------------------------------------------------------------
+    Allow("ops/psa_attend.py",
+          "Paddle only: @unified lets paddle.jit.to_static (segtwin export of PSANet's fused path) call psa_attend as "
+          "is; rewritten by the AST transform, its Python control flow (and load_op's) fails on undefined values",
+          paddle=(Line("from paddle.jit.marker import unified"), Line("@unified"))),
+    Allow("ops/psa_attend.py",
+          "Paddle static mode: a to_static value has no place (its .device is None), so the CPU check applies in "
+          "dynamic mode only and the op's kernel checks the place when the program runs, as psa_mask does",
+          torch=(Line('if str(feat.device) != "cpu" or str(attn_logits.device) != "cpu":'),),
+          paddle=(Span("# A static program (paddle.jit.to_static / jit.save) has no place yet",
+                       'if paddle.in_dynamic_mode() and (str(feat.device) != "cpu"'),)),
     # -- optim.py ---------------------------------------------------------------------------------------------------
     Allow("optim.py",
           "Paddle only: its Adam/Momentum state lives in named accumulators (velocity, moment1/2, beta pow), one "

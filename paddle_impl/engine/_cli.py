@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from .evaluator import PROTOCOLS
 
@@ -103,8 +103,32 @@ def load_weights(model, weights: str) -> None:
     strict_load(model, sd, source=path)
 
 
+def inference_options(cfg) -> Dict[str, Tuple[Any, str]]:
+    """{key: (value, where it comes from)} of the model options the inference commands choose for themselves: the
+    keys of the model spec's ``inference_cfg`` (PSANet ``psa_impl: fused``, DANet ``pam_impl: efficient``). The rule:
+    a key present in the config's ``model`` section after ``--opts`` (the YAML file, or ``--opts model.KEY=VALUE``)
+    is the user's choice and is kept; an absent key (never written, or removed with ``--opts model.KEY=null``)
+    takes the spec's inference value. ``segtwin train`` does not call this: it builds the recipe as written."""
+    model = cfg.raw["model"]
+    out: Dict[str, Tuple[Any, str]] = {}
+    for key, value in cfg.spec.inference_cfg.items():
+        if key not in model:
+            out[key] = (value, f"inference default; the config does not set model.{key}")
+        elif f"model.{key}" in cfg.overrides:
+            out[key] = (model[key], f"--opts model.{key}")
+        else:
+            out[key] = (model[key], f"model.{key} in {cfg.file}")
+    return out
+
+
 def build_model(cfg, weights: Optional[str]):
-    model = cfg.build_model()
+    """The config's model for inference (``segtwin eval``, ``predict``, ``export``): ``inference_options`` on top of
+    the config, then ``weights``, in eval mode. Prints one line (stderr) naming the attention path it took."""
+    chosen = inference_options(cfg)
+    model = cfg.build_model(defaults={k: v for k, (v, _) in chosen.items()})
+    if chosen:
+        print(f"segtwin: {cfg.model_type} inference uses "
+              + "; ".join(f"{k}={v} ({why})" for k, (v, why) in chosen.items()), file=sys.stderr)
     if weights:
         load_weights(model, weights)
     model.eval()

@@ -3,7 +3,10 @@
     python -m paddle_impl.engine.export --config CFG --weights W --out out/pspnet [--input-size 1,3,513,513]
 
 Writes PREFIX.json (Paddle 3; .pdmodel with older Paddle) + PREFIX.pdiparams + PREFIX.deploy.json (input shape,
-normalisation, palette, class count: what ``segtwin infer`` needs).
+normalisation, palette, class count, whether the graph needs the custom-op library, the attention options the
+model was traced with: what ``segtwin infer`` needs). The model is built as ``segtwin eval`` builds it
+(``_cli.build_model``): PSANet's fused PSA aggregation (the ``psa_attend`` custom op in the graph) and DANet's
+efficient PAM unless the config sets ``model.psa_impl`` / ``model.pam_impl``.
 """
 from __future__ import annotations
 
@@ -43,7 +46,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         deploy = {"model_type": cfg.model_type, "num_classes": cfg.num_classes, "input_shape": list(shape),
                   "normalize": {"mean": list(mean), "std": list(std), "to_bgr": to_bgr},
                   "palette": _cli.palette_name(_cli.dataset_type(cfg)),
-                  "custom_ops": bool(cfg.spec.custom_ops), "model": files["model"], "params": files["params"]}
+                  "custom_ops": bool(cfg.spec.custom_ops), "model": files["model"], "params": files["params"],
+                  "model_options": {k: v for k, (v, _) in _cli.inference_options(cfg).items()}}
         with open(args.out + ".deploy.json", "w") as f:
             json.dump(deploy, f, indent=1)
         print(f"exported {files['model']} + {files['params']} (input {'x'.join(map(str, shape))})")

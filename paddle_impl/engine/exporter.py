@@ -9,8 +9,10 @@ Paddle 3 (PIR) writes ``PREFIX.json`` + ``PREFIX.pdiparams``; older Paddle (or F
 (models with a size rule such as PSPNet's (H-1)%8 == 0 check it at trace time); export once per size you serve.
 
 On CPU ``infer`` runs with oneDNN disabled: with oneDNN on, Paddle 3.3.1 cannot run the exported ``interpolate``
-(see docs/evaluation.md, "Export and inference"). Models using the PSA custom op need
-``paddle_impl.ops.psa_mask.load_op()`` in the process that loads them (``infer`` calls it when ``custom_ops=True``).
+(see docs/evaluation.md, "Export and inference"). Models using the PSA custom ops (``psa_mask``, and PSANet's
+fused ``psa_attend``: one library registers both) need ``paddle_impl.ops.psa_mask.load_op()`` in the process that
+loads them (``infer`` calls it when ``custom_ops=True``). The ``psa_attend`` kernel is CPU only: a graph holding it
+runs on a CPU predictor.
 """
 from __future__ import annotations
 

@@ -72,6 +72,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         norm = deploy.get("normalize", {})
         normalize = (tuple(norm.get("mean", SEMSEG_MEAN)), tuple(norm.get("std", SEMSEG_STD)),
                      bool(norm.get("to_bgr", False)))
+        if deploy.get("model_options"):  # the attention path was fixed when the graph was traced (segtwin export)
+            print(f"segtwin: {deploy.get('model_type', 'the model')} exported graph uses "
+                  + "; ".join(f"{k}={v}" for k, v in deploy["model_options"].items()), file=sys.stderr)
         model = ExportedModel(prefix, threads=args.threads, custom_ops=bool(deploy.get("custom_ops")))
         shape = deploy.get("input_shape")
         if shape is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import warnings
 
 import paddle
+from paddle.jit.marker import unified
 
 from custom_ops import build as _build
 from custom_ops.psa_mask_common import normalize_mask_size, normalize_psa_type
@@ -51,13 +52,16 @@ def _fused_problem(feat, attn_logits, softmax: bool):
     """Why the fused kernels cannot take this call (None when they can)."""
     if not softmax:
         return "softmax=False: the fused kernels implement the softmax form only"
-    if str(feat.device) != "cpu" or str(attn_logits.device) != "cpu":
+    # A static program (paddle.jit.to_static / jit.save) has no place yet: the op goes into the graph and its kernel
+    # checks the place when the program runs (CPU only), as psa_mask does.
+    if paddle.in_dynamic_mode() and (str(feat.device) != "cpu" or str(attn_logits.device) != "cpu"):
         return f"the fused kernels are CPU only, got tensors on {feat.device} and {attn_logits.device}"
     if feat.dtype not in (paddle.float32, paddle.float64) or attn_logits.dtype != feat.dtype:
         return f"the fused kernels take float32 or float64 (one dtype), got {feat.dtype} and {attn_logits.dtype}"
     return None
 
 
+@unified  # plain Python control flow on shapes and options: to_static must not rewrite it (nor load_op's)
 def psa_attend(feat, attn_logits, psa_type, mask_size, softmax: bool = True, normalization_factor: float = 1.0,
                impl: str = "fused"):
     """feat (N, C, H, W), attn_logits (N, mask_h*mask_w, H, W) -> (N, C, H, W); see the module doc."""
