@@ -225,3 +225,31 @@ def test_psanet_export_has_the_fused_op_and_infer_matches_dynamic(tmp_path, cs_r
     a = np.array(Image.open(tmp_path / "pred" / (img.stem + ".png")))
     b = np.array(Image.open(tmp_path / "inf" / (img.stem + ".png")))
     assert a.shape == (SIZE, SIZE) and np.array_equal(a, b)
+
+
+def test_infer_without_the_custom_ops_is_one_error(tmp_path, monkeypatch, capsys):
+    """A graph exported with segtwin's custom ops, on a machine that can neither build nor load them: `segtwin
+    infer` exits 2 with one line naming the graph and the reason (no traceback)."""
+    import importlib
+
+    from custom_ops.build import BuildUnavailable
+    from paddle_impl.engine import infer as infer_cli
+
+    pm = importlib.import_module("paddle_impl.ops.psa_mask")  # the module (the package exports the function)
+
+    prefix = tmp_path / "psa"
+    (tmp_path / "psa.json").write_text("{}")
+    (tmp_path / "psa.pdiparams").write_bytes(b"")
+    (tmp_path / "psa.deploy.json").write_text(json.dumps({"model_type": "psanet", "custom_ops": True,
+                                                          "input_shape": [1, 3, 33, 33]}))
+
+    def unavailable():
+        raise BuildUnavailable("no C++ compiler: 'c++' (from $CXX, default 'c++') is not on PATH")
+
+    monkeypatch.setattr(pm, "load_op", unavailable)
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    assert infer_cli.main(["--model", str(prefix), "--image", str(img), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"{prefix}.json holds segtwin's custom ops" in err[0] and "no C++ compiler" in err[0]

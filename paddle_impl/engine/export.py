@@ -15,6 +15,8 @@ import json
 import sys
 from typing import List, Optional
 
+from custom_ops.build import BuildUnavailable
+
 from . import _cli
 
 PROG = "segtwin export"
@@ -51,7 +53,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         with open(args.out + ".deploy.json", "w") as f:
             json.dump(deploy, f, indent=1)
         print(f"exported {files['model']} + {files['params']} (input {'x'.join(map(str, shape))})")
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, BuildUnavailable) as e:
+        # BuildUnavailable: the graph holds segtwin's custom ops and this machine can neither build nor load them
         return _cli.fail(PROG, e)
     return 0
 

@@ -68,10 +68,16 @@ def create_predictor(model_prefix, *, use_gpu: bool = False, threads: Optional[i
     """A ``paddle.inference`` predictor for an exported model (oneDNN off on CPU)."""
     from paddle import inference
 
-    if custom_ops:
-        from ..ops.psa_mask import load_op
-        load_op()
     graph, params = model_files(model_prefix)
+    if custom_ops:
+        from custom_ops.build import BuildUnavailable
+
+        from ..ops.psa_mask import load_op
+        try:
+            load_op()
+        except BuildUnavailable as e:
+            raise BuildUnavailable(f"{graph} holds segtwin's custom ops (psa_mask / psa_attend), which cannot be "
+                                   f"loaded here: {e.reason}") from e
     config = inference.Config(graph, params)
     if use_gpu:
         config.enable_use_gpu(256, 0)

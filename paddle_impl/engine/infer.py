@@ -16,6 +16,8 @@ from typing import List, Optional
 
 import numpy as np
 
+from custom_ops.build import BuildUnavailable
+
 from . import _cli
 
 PROG = "segtwin infer"
@@ -87,7 +89,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                       crop=crop, flip=args.flip, scales=tuple(args.scales), size_rule=None,
                       progress=not args.no_progress)
         print(f"{len(res)} image(s) -> {args.out}")
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, BuildUnavailable) as e:
+        # BuildUnavailable: the graph holds segtwin's custom ops and this machine can neither build nor load them
         return _cli.fail(PROG, e)
     return 0
 
