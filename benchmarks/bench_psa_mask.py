@@ -209,8 +209,10 @@ def test_reference_loop(benchmark, kind):
 # --- the compiled op against a plain copy, at the seed's shape and at full resolution ----------------------------
 #
 # Seed shape: the seed's Cityscapes recipe (crop 512x1024 -> 64x128 features -> shrink 2 -> 32x64, mask 59x59),
-# N = 2: x (2, 3481, 32, 64) -> (2, 2048, 32, 64). Floor: `clone()` of an output-sized tensor (reads and writes the
-# output's bytes once; the op writes the output and reads the used part of its input, ~1.35x those bytes).
+# N = 2: x (2, 3481, 32, 64) -> (2, 2048, 32, 64). Floor (the baseline): `copy_` of an output-sized tensor into a
+# preallocated one (reads and writes the output's bytes once; the op writes the output and reads the used part of
+# its input, ~1.35x those bytes). Two more rows pay a fresh allocation, as the op does: `clone()` (copy into it) and
+# `empty().fill_(1.0)` (store into it).
 # Full resolution: 1024x2048 inference (128x256 features -> 64x128, mask 127x255), N = 1; floor `zeros` of the
 # output (1.07 GB: the copy floor would need twice that). Printed by conftest's ratio table (group baseline).
 
@@ -251,6 +253,15 @@ def test_seed_clone_floor(benchmark, copy_setup):
     _, out_shape, _ = _case_tensors(torch, "seed")
     y = torch.randn(out_shape)
     benchmark(y.clone)
+
+
+@pytest.mark.benchmark(group="psa_mask seed shape vs copy")
+def test_seed_fresh_floor(benchmark, copy_setup):
+    """The fresh-allocation floor: allocate an output-sized tensor and store to every element once (no read), as
+    the op does with its output -- the first-touch page faults of the allocation without the copy's reads."""
+    torch = copy_setup
+    _, out_shape, _ = _case_tensors(torch, "seed")
+    benchmark(lambda: torch.empty(out_shape).fill_(1.0))
 
 
 @pytest.mark.benchmark(group="psa_mask seed shape vs copy")

@@ -118,6 +118,31 @@ def test_dtypes_forward_backward(framework, impl, dtype):
             np.testing.assert_array_equal(gx, gx_ref)
 
 
+# Shapes whose packed source per destination row r is large enough that the CPU loop splits the H rows of a group
+# into several work items (at most 256 KiB of pack per item, kPackBudgetBytes in psa_mask_cpu.h), most with an
+# uneven last item (the SWEEP shapes all fit one item). Pack per r: forward mask_w*W, backward W*W elements. Rows
+# per item, forward / backward, for 2-, 4- and 8-byte elements:
+#   (2, 2, 129, 11, 64) N=2, even mask, wider than the full window: 11 / 11, 6+5 / 11, 3+3+3+2 / 6+5
+#   (1, 5, 9, 7, 96)    mask smaller than the map:                   7 / 7, 7 / 7, 7 / 3+3+1
+#   (1, 1, 255, 9, 128) 1xW mask:                                    3+3+3 / 5+4, 2+2+2+2+1 / 3+3+3, 1 x 9 / 2+2+2+2+1
+ROW_BLOCK_CASES = [(2, 2, 129, 11, 64, "row blocks, wide even mask, N=2"), (1, 5, 9, 7, 96, "row blocks, small mask"),
+                   (1, 1, 255, 9, 128, "row blocks, 1xW mask")]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_row_blocks_forward_backward(framework, dtype):
+    """The CPU loop's work items of several destination rows each, including an uneven last item, in every width."""
+    s = _prepare(framework, "cpp")
+    for case in ROW_BLOCK_CASES:
+        for t in TYPES:
+            x, y_ref, g, gx_ref = reference_case(case, t, np.float32)
+            y, gx, ydt, gxdt = s.forward_backward(x, g, t, case[1:3], "cpp", dtype)
+            assert (ydt, gxdt) == (dtype, dtype)
+            np.testing.assert_array_equal(y, y_ref)
+            np.testing.assert_array_equal(gx, gx_ref)
+
+
 @pytest.mark.parametrize("impl", ["cpp", "tensor"])
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_non_contiguous_input(framework, impl):

@@ -61,66 +61,86 @@ inline int64_t pack_index(int64_t offset, int64_t plane, int64_t width) {
   return k * width + (offset - k * plane);
 }
 
+// Bytes of packed source one work item may hold (per thread; the L2 cache is 0.5-1 MiB per core on current CPUs).
+constexpr int64_t kPackBudgetBytes = 256 << 10;
+
 template <typename T>
 void psa_mask_cpu(const T* src, T* dst, const PsaGeom& g, int psa_type, bool forward, int num_threads) {
   const int64_t width = g.w;
-  const int64_t groups = forward ? g.h : g.mask_h;  // kh (forward) or i (backward)
-  const int64_t items = g.n * groups * g.h;
-  const int64_t group_rows = forward ? g.w : g.mask_w;  // rows per item: kw = 0..W-1 or j = 0..mask_w-1
+  const int64_t groups = forward ? g.h : g.mask_h;      // kh (forward) or i (backward)
+  const int64_t group_rows = forward ? g.w : g.mask_w;  // rows per group: kw = 0..W-1 or j = 0..mask_w-1
   const int64_t planes = forward ? g.hw : g.c;          // destination channels
-  const int64_t src_rows = forward ? g.mask_w : g.w;    // source rows per item
+  const int64_t src_rows = forward ? g.mask_w : g.w;    // source rows per group
   const int64_t src_planes = forward ? g.c : g.hw;      // source channels
+  const int64_t pack_elems = src_rows * width;          // one group's packed source
+  // Groups per work item: consecutive r (the row inside the destination planes), as many as the pack budget holds,
+  // spread evenly over the H rows (e.g. 2 x 16 rather than 17 + 15).
+  const int64_t pack_bytes = pack_elems * static_cast<int64_t>(sizeof(T));
+  const int64_t max_rows = pack_bytes > 0 ? imax(kPackBudgetBytes / pack_bytes, 1) : g.h;
+  const int64_t row_blocks = g.h > 0 ? (g.h + max_rows - 1) / max_rows : 0;
+  const int64_t rows_per_item = row_blocks > 0 ? (g.h + row_blocks - 1) / row_blocks : 1;
+  const int64_t items = g.n * groups * row_blocks;
 #ifdef _OPENMP
-  const bool parallel = num_threads > 1 && items * group_rows * width >= kCpuParallelGrain;
+  const bool parallel = num_threads > 1 && g.n * groups * g.h * group_rows * width >= kCpuParallelGrain;
 #pragma omp parallel num_threads(num_threads) if (parallel)
 #else
   (void)num_threads;  // built without OpenMP: one thread
 #endif
   {
-    // The item's source rows, copied into one contiguous block: they are rows of distant planes (one plane apart),
-    // whose addresses alias to the same cache sets; the copy is read sequentially once and then hit in cache.
-    std::vector<T> pack(static_cast<size_t>(src_rows * width));
+    // The item's source rows, copied into contiguous blocks (one per r): they are rows of distant planes (one plane
+    // apart), whose addresses alias to the same cache sets; the copy is read sequentially once and then hit in cache.
+    std::vector<T> pack(static_cast<size_t>(rows_per_item * pack_elems));
+    std::vector<int64_t> origins(static_cast<size_t>(rows_per_item));
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t r = item % g.h;  // the row inside each destination plane
-      const int64_t ng = item / g.h;
+      const int64_t rb = item % row_blocks;
+      const int64_t ng = item / row_blocks;
       const int64_t a = ng % groups;  // kh or i
       const int64_t n = ng / groups;
-      // The first source row of the group: forward x[n, i*mask_w, row, :]; backward grad_out[n, plane0, row, :].
-      int64_t first_plane = -1, src_row = 0;
-      if (forward) {
-        const int64_t i = psa_type == kCollect ? a - r + g.half_h : r - a + g.half_h;
-        if (i >= 0 && i < g.mask_h) {
-          first_plane = i * g.mask_w;
-          src_row = psa_type == kCollect ? r : a;
+      const int64_t r0 = rb * rows_per_item;
+      const int64_t r1 = imin(r0 + rows_per_item, g.h);
+      for (int64_t r = r0; r < r1; ++r) {
+        // The first source row of group r: forward x[n, i*mask_w, row, :]; backward grad_out[n, plane0, row, :].
+        int64_t first_plane = -1, src_row = 0;
+        if (forward) {
+          const int64_t i = psa_type == kCollect ? a - r + g.half_h : r - a + g.half_h;
+          if (i >= 0 && i < g.mask_h) {
+            first_plane = i * g.mask_w;
+            src_row = psa_type == kCollect ? r : a;
+          }
+        } else {
+          const int64_t qh = r + a - g.half_h;
+          if (qh >= 0 && qh < g.h) {
+            first_plane = (psa_type == kCollect ? qh : r) * g.w;
+            src_row = psa_type == kCollect ? r : qh;
+          }
         }
-      } else {
-        const int64_t qh = r + a - g.half_h;
-        if (qh >= 0 && qh < g.h) {
-          first_plane = (psa_type == kCollect ? qh : r) * g.w;
-          src_row = psa_type == kCollect ? r : qh;
+        const int64_t origin = ((n * src_planes + (first_plane < 0 ? 0 : first_plane)) * g.h + src_row) * width;
+        origins[r - r0] = origin;
+        if (first_plane >= 0) {
+          T* to = pack.data() + (r - r0) * pack_elems;
+          for (int64_t k = 0; k < src_rows; ++k, to += width) {
+            const T* from = src + origin + k * g.hw;
+            for (int64_t col = 0; col < width; ++col) to[col] = from[col];
+          }
         }
       }
-      const int64_t origin = ((n * src_planes + (first_plane < 0 ? 0 : first_plane)) * g.h + src_row) * width;
-      if (first_plane >= 0) {
-        for (int64_t k = 0; k < src_rows; ++k) {
-          const T* from = src + origin + k * g.hw;
-          T* to = pack.data() + k * width;
-          for (int64_t col = 0; col < width; ++col) to[col] = from[col];
-        }
-      }
+      // Destination rows plane by plane: the item's rows r0..r1-1 of one plane are contiguous in memory.
       for (int64_t b = 0; b < group_rows; ++b) {  // kw or j
         const int64_t plane = forward ? a * g.w + b : a * g.mask_w + b;
-        PsaRow row = forward ? forward_row_at(g, psa_type, n, a, b, r) : backward_row_at(g, psa_type, n, a, b, r);
-        if (row.lo < row.hi) {  // non-empty rows read the group's source: the packed copy
-          // Convert through the row's first real element (its column lies in [0, W), unlike the base's).
-          const int64_t first = pack_index(row.base + row.lo * row.stride - origin, g.hw, width);
-          row.stride = pack_index(row.stride, g.hw, width);
-          row.base = first - row.lo * row.stride;
+        T* out = dst + ((n * planes + plane) * g.h + r0) * width;
+        for (int64_t r = r0; r < r1; ++r, out += width) {
+          PsaRow row = forward ? forward_row_at(g, psa_type, n, a, b, r) : backward_row_at(g, psa_type, n, a, b, r);
+          if (row.lo < row.hi) {  // non-empty rows read group r's source: its packed copy
+            // Convert through the row's first real element (its column lies in [0, W), unlike the base's).
+            const int64_t first = pack_index(row.base + row.lo * row.stride - origins[r - r0], g.hw, width);
+            row.stride = pack_index(row.stride, g.hw, width);
+            row.base = first - row.lo * row.stride;
+          }
+          fill_row(out, pack.data() + (r - r0) * pack_elems, row, width);
         }
-        fill_row(dst + ((n * planes + plane) * g.h + r) * width, pack.data(), row, width);
       }
     }
   }
