@@ -27,16 +27,20 @@ import time
 from pathlib import Path
 
 __all__ = [
-    "BuildUnavailable", "ROOT", "INCLUDE_DIR", "CUDA_SOURCE", "cache_root", "compiler_problem", "build_dir",
-    "load_torch", "load_paddle", "paddle_library_path", "nvcc_command", "nvcc_check",
+    "BuildUnavailable", "ROOT", "INCLUDE_DIR", "CUDA_SOURCE", "CUDA_SOURCES", "cache_root", "compiler_problem",
+    "build_dir", "load_torch", "load_paddle", "paddle_library_path", "nvcc_command", "nvcc_check", "nvcc_check_all",
 ]
 
 ROOT = Path(__file__).resolve().parent
 INCLUDE_DIR = ROOT / "include"
 HEADERS = (INCLUDE_DIR / "psa_mask_kernel.h", INCLUDE_DIR / "psa_mask_cpu.h", INCLUDE_DIR / "psa_mask_cuda.h",
-           INCLUDE_DIR / "psa_attend_kernel.h", INCLUDE_DIR / "psa_attend_cpu.h")
+           INCLUDE_DIR / "psa_attend_kernel.h", INCLUDE_DIR / "psa_attend_cpu.h", INCLUDE_DIR / "psa_attend_cuda.h",
+           INCLUDE_DIR / "psa_attend_cuda_driver.h")
 CUDA_SOURCE = ROOT / "cuda" / "psa_mask.cu"
-# Glue sources per framework: the PSA mask op and the fused PSA aggregation (psa_attend, CPU kernels), one library.
+# The framework-free CUDA sources, compiled into the library only when building with CUDA: the PSA mask kernels and
+# the fused PSA aggregation's kernels + band driver.
+CUDA_SOURCES = (CUDA_SOURCE, ROOT / "cuda" / "psa_attend.cu")
+# Glue sources per framework: the PSA mask op and the fused PSA aggregation (psa_attend), one library.
 GLUE = {"torch": [ROOT / "torch" / "psa_mask_op.cpp", ROOT / "torch" / "psa_attend_op.cpp"],
         "paddle": [ROOT / "paddle" / "psa_mask_op.cc", ROOT / "paddle" / "psa_attend_op.cc"]}
 #: the Paddle custom operators of the library (each gets a generated Python entry point)
@@ -113,7 +117,7 @@ def _framework_info(framework: str) -> tuple[str, bool]:
 
 def _build_spec(framework: str) -> dict:
     version, with_cuda = _framework_info(framework)
-    sources = list(GLUE[framework]) + ([CUDA_SOURCE] if with_cuda else [])
+    sources = list(GLUE[framework]) + (list(CUDA_SOURCES) if with_cuda else [])
     defines = ["-DSEGTWIN_WITH_CUDA"] if with_cuda else []
     spec = {
         "framework": framework,
@@ -300,29 +304,45 @@ def load_paddle():
         return _loaded["paddle"]
 
 
-def nvcc_command(output: str | os.PathLike, archs=(80, 90), std: str = "c++17") -> list[str]:
-    """The nvcc command that compiles the framework-free CUDA kernels for the given SM architectures."""
-    cmd = ["nvcc", "-c", str(CUDA_SOURCE), f"-std={std}", "-Xcompiler", "-fPIC"]
+def nvcc_command(output: str | os.PathLike, archs=(80, 90), std: str = "c++17",
+                 source: str | os.PathLike = CUDA_SOURCE) -> list[str]:
+    """The nvcc command that compiles one framework-free CUDA source (default psa_mask.cu) for the given SM
+    architectures, with the host compiler's -Wall -Wextra and every warning an error."""
+    cmd = ["nvcc", "-c", str(source), f"-std={std}", "-Xcompiler", "-fPIC,-Wall,-Wextra", "-Werror", "all-warnings"]
     for a in archs:
         cmd += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
     return cmd + ["-I", str(INCLUDE_DIR), "-o", str(output)]
 
 
-def nvcc_check(output: str | os.PathLike, archs=(80, 90), std: str = "c++17") -> subprocess.CompletedProcess:
-    """Compile psa_mask.cu with nvcc (compile only; no GPU needed). Raises FileNotFoundError without nvcc."""
+def nvcc_check(output: str | os.PathLike, archs=(80, 90), std: str = "c++17",
+               source: str | os.PathLike = CUDA_SOURCE) -> subprocess.CompletedProcess:
+    """Compile one CUDA source (default psa_mask.cu) with nvcc (compile only; no GPU needed). Raises
+    FileNotFoundError without nvcc."""
     if shutil.which("nvcc") is None:
         raise FileNotFoundError("nvcc is not on PATH")
-    return subprocess.run(nvcc_command(output, archs, std), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.run(nvcc_command(output, archs, std, source), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
+
+
+def nvcc_check_all(directory: str | os.PathLike, archs=(80, 90), std: str = "c++17") -> dict:
+    """nvcc_check of every CUDA source (CUDA_SOURCES: psa_mask.cu and psa_attend.cu), each into
+    ``directory/<name>.o``; returns {source file name: CompletedProcess}."""
+    return {src.name: nvcc_check(Path(directory) / f"{src.stem}.o", archs, std, src) for src in CUDA_SOURCES}
 
 
 def main(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m custom_ops.build", description=__doc__.split("\n\n")[0])
-    p.add_argument("frameworks", nargs="*", choices=["torch", "paddle"], default=None)
-    p.add_argument("--nvcc-check", action="store_true", help="also compile the CUDA kernels for sm_80 and sm_90")
+    # no `choices`: argparse (3.11) checks an empty nargs="*" list against them and rejects it
+    p.add_argument("frameworks", nargs="*", metavar="{torch,paddle}", help="default: both")
+    p.add_argument("--nvcc-check", action="store_true",
+                   help="also compile the CUDA sources (psa_mask.cu, psa_attend.cu) for sm_80 and sm_90, "
+                        "C++17 and C++20")
     a = p.parse_args(argv)
+    unknown = [f for f in a.frameworks if f not in ("torch", "paddle")]
+    if unknown:
+        p.error(f"unknown framework(s) {unknown} (choose from 'torch', 'paddle')")
     rc = 0
     for fw in a.frameworks or ["torch", "paddle"]:
         try:
@@ -334,9 +354,10 @@ def main(argv=None) -> int:
     if a.nvcc_check:
         with tempfile.TemporaryDirectory() as t:
             try:
-                r = nvcc_check(os.path.join(t, "psa_mask.o"))
-                print(f"nvcc: {'ok' if r.returncode == 0 else 'FAILED'}\n{r.stdout}".rstrip())
-                rc = rc or r.returncode
+                for std in ("c++17", "c++20"):
+                    for name, r in nvcc_check_all(t, std=std).items():
+                        print(f"nvcc {name} {std}: {'ok' if r.returncode == 0 else 'FAILED'}\n{r.stdout}".rstrip())
+                        rc = rc or r.returncode
             except FileNotFoundError as e:
                 print(f"nvcc: skipped ({e})")
     return rc

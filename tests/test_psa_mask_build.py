@@ -109,14 +109,18 @@ def test_cuda_kernel_body_emulated_on_cpu(tmp_path):
     assert f"checked {len(shapes) * 16}, mismatches 0" in run.stdout
 
 
+@pytest.mark.parametrize("source", [s.name for s in build.CUDA_SOURCES])
 @pytest.mark.parametrize("std", ["c++17", "c++20"])
-def test_cuda_kernels_compile_with_nvcc_for_sm80_sm90(tmp_path, std):
-    """The framework builders pick the standard (Paddle C++17, torch maybe C++20): the .cu must take both."""
+def test_cuda_kernels_compile_with_nvcc_for_sm80_sm90(tmp_path, std, source):
+    """The framework builders pick the standard (Paddle C++17, torch maybe C++20): every .cu (psa_mask.cu,
+    psa_attend.cu) must take both, with no warning (nvcc_command: -Wall -Wextra, all warnings are errors)."""
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc is not on PATH: the CUDA kernels cannot be compiled on this machine")
-    out = tmp_path / "psa_mask.o"
-    proc = build.nvcc_check(out, archs=(80, 90), std=std)
-    assert proc.returncode == 0, f"{' '.join(build.nvcc_command(out, std=std))}\n{proc.stdout}"
+    src = next(s for s in build.CUDA_SOURCES if s.name == source)
+    out = tmp_path / f"{src.stem}.o"
+    proc = build.nvcc_check(out, archs=(80, 90), std=std, source=src)
+    assert proc.returncode == 0, f"{' '.join(build.nvcc_command(out, std=std, source=src))}\n{proc.stdout}"
+    assert "warning" not in proc.stdout.lower(), proc.stdout
     # both device images are embedded (the fat binary names the SM of each cubin it carries)
     blob = out.read_bytes()
     assert b"sm_80" in blob and b"sm_90" in blob
@@ -124,9 +128,10 @@ def test_cuda_kernels_compile_with_nvcc_for_sm80_sm90(tmp_path, std):
 
 @pytest.mark.slow
 def test_torch_cuda_glue_compiles(tmp_path):
-    """The CUDA branch of the torch glue (SEGTWIN_WITH_CUDA) is only built on a CUDA machine; check here that it at
-    least compiles (-fsyntax-only) against this torch's headers and the CUDA toolkit of nvcc. The CPU wheel lacks one
-    CMake-generated header (c10/cuda/impl/cuda_cmake_macros.h): a one-line stand-in is supplied."""
+    """The CUDA branch of the torch glue (SEGTWIN_WITH_CUDA; psa_mask_op.cpp and psa_attend_op.cpp) is only built on
+    a CUDA machine; check here that it at least compiles (-fsyntax-only) against this torch's headers and the CUDA
+    toolkit of nvcc. The CPU wheel lacks one CMake-generated header (c10/cuda/impl/cuda_cmake_macros.h): a one-line
+    stand-in is supplied."""
     import sysconfig
 
     import torch.utils.cpp_extension as tce
@@ -150,8 +155,9 @@ def test_torch_cuda_glue_compiles(tmp_path):
            "-I", sysconfig.get_paths()["include"]]
     for inc in tce.include_paths():
         cmd += ["-I", inc]
-    proc = subprocess.run(cmd + [str(build.GLUE["torch"][0])], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    for glue in build.GLUE["torch"]:  # psa_mask_op.cpp and psa_attend_op.cpp
+        proc = subprocess.run(cmd + [str(glue)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{glue.name}:\n{proc.stderr[-4000:]}"
 
 
 # --- cache ---------------------------------------------------------------------------------------------------

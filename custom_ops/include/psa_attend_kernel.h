@@ -1,6 +1,8 @@
-// segtwin fused PSA aggregation: the per-pixel bodies of the CPU driver (psa_attend_cpu.h), written `SEGTWIN_HD`
-// (as in psa_mask_kernel.h) so that CUDA kernels can share them; there are no CUDA kernels for it yet. No framework
-// headers.
+// segtwin fused PSA aggregation: the per-pixel bodies shared by the CPU driver (psa_attend_cpu.h) and the CUDA path
+// (psa_attend_cuda_driver.h, ../cuda/psa_attend.cu), written `SEGTWIN_HD` (as in psa_mask_kernel.h): the window
+// geometry, `cell_map`, `window_pair` / `pair_cell` and the softmax statistics of one pixel (`pixel_stats`, the
+// CUDA statistics kernel's body, with the CPU pass's formulas and summation order). `exp_nonpos` is the CPU's
+// vectorisable exp (host only); the CUDA bodies use `exp`. No framework headers.
 //
 // What is computed (PSANet's attention with semseg's semantics, unscaled):
 //   out[n, c, p] = sum_q A[n, q, p] * x[n, c, q],   A[n, :, p] = softmax over q of L[n, p, q],
@@ -118,6 +120,19 @@ SEGTWIN_HD int64_t window_pair(const AttendGeom& g, int psa_type, int64_t n, int
   return q;
 }
 
+// Whether pixel q lies in pixel p's window (both flat indices of the map): if so, *cell gets the window cell
+// i*mask_w+j of the pair and *owner the pixel whose logits hold it (p for collect, q for distribute). The inverse of
+// window_pair: collect q = p + (i, j) - half, distribute q = p - (i, j) + half.
+SEGTWIN_HD bool pair_cell(const AttendGeom& g, int psa_type, int64_t p, int64_t q, int64_t* cell, int64_t* owner) {
+  const int64_t ph = p / g.w, pw = p - ph * g.w, qh = q / g.w, qw = q - qh * g.w;
+  const int64_t sign = psa_type == kCollect ? 1 : -1;
+  const int64_t i = sign * (qh - ph) + g.half_h, j = sign * (qw - pw) + g.half_w;
+  if (i < 0 || i >= g.mask_h || j < 0 || j >= g.mask_w) return false;
+  *cell = i * g.mask_w + j;
+  *owner = psa_type == kCollect ? p : q;
+  return true;
+}
+
 // exp(x) for x <= 0 (and NaN), written with plain arithmetic so that the CPU loops vectorise: Cody-Waite range
 // reduction x = k ln2 + r, |r| <= ln2/2, a Taylor polynomial of e^r (degree 7 for float: truncation 5e-9 relative;
 // degree 13 for double: 4e-18) and 2^k built in the exponent bits. Arguments below the smallest normal result
@@ -209,6 +224,38 @@ SEGTWIN_HD void row_stats(const T* logits, const AttendGeom& g, int psa_type, in
   }
   *m_out = m;
   *inv_z_out = T(1) / z;
+}
+
+// Softmax statistics of pixel p of one batch item (logits_n: its (cells, H, W) logits): m_p, 1/Z_p and
+// w0_p = exp(-m_p)/Z_p, with the formulas and the summation order of the CPU driver's statistics pass (cells in
+// (i, j) order; the out-of-window term added last) -- only the exp differs (`exp` here, exp_nonpos there).
+template <typename T>
+SEGTWIN_HD void pixel_stats(const T* logits_n, const AttendGeom& g, int psa_type, int64_t p, T* m_out, T* inv_z_out,
+                            T* w0_out) {
+  const int64_t ph = p / g.w, pw = p - ph * g.w;
+  T m = T(0);  // the out-of-window zeros take part in the max
+  T z = T(0);
+  for (int pass = 0; pass < 2; ++pass) {
+    for (int64_t i = 0; i < g.mask_h; ++i) {
+      for (int64_t j = 0; j < g.mask_w; ++j) {
+        const CellMap cm = cell_map(g, psa_type, true, i, j);
+        const int64_t qh = ph + cm.fh, qw = pw + cm.fw;
+        if (qh < 0 || qh >= g.h) break;  // the whole window row i is outside the image
+        if (qw < 0 || qw >= g.w) continue;
+        const T v = logits_n[cm.cell * g.hw + cm.logit_off + p];
+        if (pass == 0) {
+          m = v > m ? v : m;
+        } else {
+          z += exp(v - m);
+        }
+      }
+    }
+  }
+  const T e0 = exp(-m);
+  const T inv = T(1) / (z + static_cast<T>(g.hw - window_count(g, psa_type, p)) * e0);
+  *m_out = m;
+  *inv_z_out = inv;
+  *w0_out = e0 * inv;
 }
 
 }  // namespace psa

@@ -8,10 +8,11 @@ equals the reference path (semseg's PSA, kept as `psa_attend_reference`)
     bmm(feat.view(N, C, HW), softmax(psa_mask(attn_logits), dim=1).view(N, HW, HW)).view(N, C, H, W) / nf
 
 with semseg's semantics: pairs outside the window enter the softmax as logit 0 (not -inf). impl="fused" runs the
-compiled CPU kernels (custom_ops/include/psa_attend_cpu.h; memory O(N*C*HW + N*mask*HW), no HW x HW buffer);
-impl="reference" the path above. The fused kernels implement the softmax form on CPU tensors of float32/float64;
-softmax=False, another device or dtype, or an unavailable build take the reference path with a one-time warning
-that says why. Twin of paddle_impl/ops/psa_attend.py.
+compiled kernels (CPU: custom_ops/include/psa_attend_cpu.h; CUDA, in builds with the CUDA kernels:
+custom_ops/cuda/psa_attend.cu; memory O(N*C*HW + N*mask*HW), no HW x HW buffer); impl="reference" the path above.
+The fused kernels implement the softmax form on float32/float64 tensors on the CPU or, when the build has the CUDA
+kernels, on one CUDA device; softmax=False, another device or dtype, or an unavailable build take the reference path
+with a one-time warning that says why. Twin of paddle_impl/ops/psa_attend.py.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 from custom_ops import build as _build
 from custom_ops.psa_mask_common import normalize_mask_size, normalize_psa_type
 
-from .psa_mask import load_op, psa_mask
+from .psa_mask import _device_problem, load_op, psa_mask
 
 __all__ = ["psa_attend", "psa_attend_reference", "ATTEND_IMPLS"]
 
@@ -48,11 +49,14 @@ def psa_attend_reference(feat, attn_logits, psa_type, mask_size, softmax: bool =
 
 
 def _fused_problem(feat, attn_logits, softmax: bool):
-    """Why the fused kernels cannot take this call (None when they can)."""
+    """Why the fused kernels cannot take this call (None when they can). Whether the build has kernels for a
+    non-CPU device is asked once the op is loaded (psa_mask's _device_problem)."""
     if not softmax:
         return "softmax=False: the fused kernels implement the softmax form only"
     if str(feat.device) != "cpu" or str(attn_logits.device) != "cpu":
-        return f"the fused kernels are CPU only, got tensors on {feat.device} and {attn_logits.device}"
+        if str(feat.device) != str(attn_logits.device):
+            return (f"the fused kernels take feat and attn_logits on one device, got {feat.device} and "
+                    f"{attn_logits.device}")
     if feat.dtype not in (torch.float32, torch.float64) or attn_logits.dtype != feat.dtype:
         return f"the fused kernels take float32 or float64 (one dtype), got {feat.dtype} and {attn_logits.dtype}"
     return None
@@ -85,6 +89,8 @@ def psa_attend(feat, attn_logits, psa_type, mask_size, softmax: bool = True, nor
             module = load_op()
         except _build.BuildUnavailable as e:
             problem = f"the compiled op is unavailable: {e.reason}"
+    if problem is None:
+        problem = _device_problem(feat)  # a CUDA tensor needs a build with the CUDA kernels
     if problem is not None:
         _warn_once(problem.split(":")[0], f"psa_attend: using the reference path because {problem}")
         return psa_attend_reference(feat, attn_logits, t, (mask_h, mask_w), softmax, normalization_factor)
