@@ -44,7 +44,15 @@ template <typename T>
 using Gemm = std::function<void(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
                                 const T* b, int64_t ldb, T* c)>;
 
-constexpr int64_t kGroup = 16;  // consecutive pixels of one row filled together (one cache line of float logits)
+constexpr int64_t kGroup = 128;  // consecutive pixels of one row filled together (long contiguous logit runs)
+
+// Cells ahead whose logit run the fill loops prefetch.
+constexpr int64_t kAhead = 2;
+
+template <typename T>
+inline void prefetch_run(const T* p, int64_t len) {
+  for (int64_t k = 0; k < len; k += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(p + k, 0, 3);
+}
 
 // Upper bound of one weight tile in bytes: 8 MiB, or $SEGTWIN_PSA_ATTEND_TILE_BYTES (the tests shrink it to
 // exercise many bands).
@@ -54,7 +62,7 @@ inline int64_t tile_bytes() {
     const long long v = std::atoll(env);
     if (v > 0) return static_cast<int64_t>(v);
   }
-  return int64_t(8) << 20;
+  return int64_t(32) << 20;
 }
 
 // Rows per band: a tile of band pixels x (at most) every pixel of the map stays within tile_bytes().
@@ -139,15 +147,29 @@ void fill_tile(const T* logits_n, const AttendGeom& g, int psa_type, bool tile_i
   const T* m = st.m.data();
   const T* iz = st.inv_z.data();
   const T* w0 = st.w0.data();
+  // The partner offsets (fh, fw) of the window cells span [fh_lo, fh_hi] x [fw_lo, fw_hi] (monotone in i and j).
+  const CellMap first = cell_map(g, psa_type, tile_is_p, 0, 0);
+  const CellMap last = cell_map(g, psa_type, tile_is_p, g.mask_h - 1, g.mask_w - 1);
+  const int64_t fh_lo = imin(first.fh, last.fh), fh_hi = imax(first.fh, last.fh);
+  const int64_t fw_lo = imin(first.fw, last.fw), fw_hi = imax(first.fw, last.fw);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && items > 1)
 #endif
   for (int64_t it = 0; it < items; ++it) {
     const int64_t r = r0 + it / groups_per_row;
     const int64_t c0 = (it % groups_per_row) * kGroup, c1 = imin(c0 + kGroup, g.w);
-    for (int64_t c = c0; c < c1; ++c) {  // the group's tile rows start at zero
+    for (int64_t c = c0; c < c1; ++c) {  // zeros where the window does not reach (the cells write the rest)
       T* row = tile + (r * g.w + c - u0) * ldt;
-      for (int64_t k = 0; k < ldt; ++k) row[k] = T(0);
+      const int64_t wr0 = imax(r + fh_lo, 0), wr1 = imin(r + fh_hi + 1, g.h);
+      const int64_t wc0 = imax(c + fw_lo, 0), wc1 = imin(c + fw_hi + 1, g.w);
+      for (int64_t vr = v0 / g.w; vr < (v0 + ldt) / g.w; ++vr) {
+        T* seg = row + vr * g.w - v0;
+        const bool inside = vr >= wr0 && vr < wr1 && wc0 < wc1;
+        for (int64_t k = 0; k < (inside ? wc0 : g.w); ++k) seg[k] = T(0);
+        if (inside) {
+          for (int64_t k = wc1; k < g.w; ++k) seg[k] = T(0);
+        }
+      }
     }
     T val[kGroup];
     for (int64_t i = 0; i < g.mask_h; ++i) {
@@ -162,6 +184,9 @@ void fill_tile(const T* logits_n, const AttendGeom& g, int psa_type, bool tile_i
         if (clo >= chi) continue;
         const int64_t u = r * g.w + clo, len = chi - clo;
         const T* lc = logits_n + cm.cell * g.hw + cm.logit_off + u;
+        // The runs of consecutive cells lie a whole plane apart, too far for the hardware prefetchers: ask for the
+        // run kAhead cells on while this one is computed (same u; the logit offset moves by at most kAhead).
+        if (cm.cell + kAhead < g.cells) prefetch_run(lc + kAhead * g.hw - kAhead, len + 2 * kAhead);
         const T* ms = m + cm.stats_off + u;
         const T* is = iz + cm.stats_off + u;
         const T* ws = w0 + cm.stats_off + u;
@@ -294,6 +319,7 @@ void psa_attend_backward_cpu(const T* g_out, const T* x, const T* logits, const 
             if (clo == chi) continue;
             const int64_t u = row * g.w + clo, len = chi - clo;
             const T* lc = ln + cm.cell * g.hw + u;
+            if (cm.cell + kAhead < g.cells) prefetch_run(lc + kAhead * g.hw, len);  // as in fill_tile
             const T* ms = st.m.data() + stats_off + u;
             const T* is = st.inv_z.data() + stats_off + u;
             const T* rs = r.data() + stats_off + u;
