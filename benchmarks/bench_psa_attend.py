@@ -6,9 +6,9 @@
         --rootdir=benchmarks                                                        # timings (seed, semseg)
 
 Each measurement runs in a fresh subprocess (one framework, one impl, one shape, collect branch, 2 threads unless
-SEGTWIN_BENCH_THREADS says otherwise): it allocates the inputs, reads VmHWM (peak resident set) from
-/proc/self/status after resetting it (/proc/self/clear_refs), runs the aggregation -- inference under no_grad, or with --backward one forward + backward with
-gradients for both inputs -- reads VmHWM again and reports both the peak and its growth over the inputs. Shapes
+SEGTWIN_BENCH_THREADS says otherwise): it allocates the inputs, resets VmHWM (peak resident set) through
+/proc/self/clear_refs, runs the aggregation -- inference under no_grad, or with --backward one forward + backward
+with gradients for both inputs -- and reports the peak and its growth over the RSS after the inputs. Shapes
 (N, C, H, W, mask): seed (the seed's Cityscapes recipe after shrink): (2, 512, 32, 64, 59); semseg's Cityscapes
 (crop 705 -> 89x89 -> 45x45, mask 89): (1, 512, 45, 45, 89); full-resolution inference (1024x2048 -> 64x128, mask
 127x255): (1, 512, 64, 128, 127x255). Nothing asserts a wall time.

@@ -20,8 +20,9 @@ CASES = [
     (1, 3, 6, 6, 11, 11),   # exactly the full window
     (1, 2, 9, 7, 3, 5),     # H != W, small non-square mask (most pairs outside the window)
     (1, 5, 17, 3, 5, 3),    # thin map
-    (1, 3, 5, 37, 5, 7),    # rows wider than one 16-pixel group of the tile fill (3 groups, the last partial)
-    (2, 2, 4, 20, 9, 41),   # wide mask, larger than the full window (7, 39), two groups per row
+    (1, 3, 5, 37, 5, 7),    # small mask on a wide map
+    (2, 2, 4, 20, 9, 41),   # wide mask, larger than the full window (7, 39)
+    (1, 2, 3, 131, 3, 5),   # rows wider than one 128-pixel group of the kernels' loops (the last group partial)
 ]
 
 

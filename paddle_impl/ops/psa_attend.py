@@ -55,7 +55,7 @@ def _fused_problem(feat, attn_logits, softmax: bool):
     if not softmax:
         return "softmax=False: the fused kernels implement the softmax form only"
     # A static program (paddle.jit.to_static / jit.save) has no place yet: the op goes into the graph and its kernel
-    # checks the place when the program runs (CPU only), as psa_mask does.
+    # checks the place when the program runs, as psa_mask does.
     if paddle.in_dynamic_mode() and (str(feat.device) != "cpu" or str(attn_logits.device) != "cpu"):
         if str(feat.device) != str(attn_logits.device):
             return (f"the fused kernels take feat and attn_logits on one device, got {feat.device} and "
