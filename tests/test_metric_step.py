@@ -344,15 +344,17 @@ def test_tie_tolerance_follows_the_forward_policy(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------- exact quotients
 def test_paddle_divide_is_not_correctly_rounded_and_the_metrics_do_not_use_it():
-    """Paddle's CPU divide leaves some quotients one ulp from IEEE division (torch, numpy); the metric step compares
-    with atol 0, so the Paddle metrics must not inherit that: every metric equals a numpy float64 computation bit
-    for bit, on confusion matrices whose IoU quotients Paddle's own divide gets wrong."""
+    """Paddle's CPU divide leaves some quotients one ulp from IEEE division (torch, numpy) on some CPUs (measured ~0.1%
+    of float64 quotients on one of this project's machines; exact on another, where the trap cannot be shown). The
+    metric step compares with atol 0, so the Paddle metrics must not inherit that: every metric equals a numpy
+    float64 computation bit for bit -- on confusion matrices whose IoU quotients Paddle's own divide gets wrong where
+    this machine has the trap, on random ones otherwise."""
     big = np.random.default_rng(1).random(100_000) + 0.5
     raw = (paddle.to_tensor(big[::-1].copy()) / paddle.to_tensor(big)).numpy()
-    assert (raw != big[::-1] / big).sum() > 10  # the trap (measured ~0.1% of float64 quotients here)
+    trap = int((raw != big[::-1] / big).sum())
     rng = np.random.default_rng(0)
     caught = []
-    for _ in range(5000):  # confusion matrices on which Paddle's divide misses the IEEE IoU
+    for _ in range(5000 if trap else 0):  # confusion matrices on which Paddle's divide misses the IEEE IoU
         cm = rng.integers(0, 500, size=(19, 19))
         tp = np.diag(cm).astype(np.float64)
         union = cm.sum(0) + cm.sum(1) - tp
@@ -360,7 +362,10 @@ def test_paddle_divide_is_not_correctly_rounded_and_the_metrics_do_not_use_it():
             caught.append(cm)
             if len(caught) == 3:
                 break
-    assert caught, "no confusion matrix reproduced Paddle's inexact divide"
+    if trap:
+        assert caught, f"Paddle's divide is inexact on {trap} of 100000 quotients, but on no confusion matrix"
+    else:  # this CPU's divide is IEEE: the bitwise check below still runs, on random matrices
+        caught = [rng.integers(0, 500, size=(19, 19)) for _ in range(3)]
     for cm in caught:
         tp = np.diag(cm).astype(np.float64)
         union = cm.sum(0) + cm.sum(1) - tp
