@@ -14,7 +14,7 @@
 //  * products: the image is cut into bands of whole pixel rows; for a band, a weight tile (band pixels x the
 //    pixel rows their windows reach) is filled in groups of kGroup consecutive pixels of one row, cell by cell (kGroup
 //    consecutive logits read, kGroup exps, kGroup tile rows each written left to right), then multiplied by the
-//    framework's own GEMM (passed in by the glue). The tile is at most ~kTileBytes, so no (HW, HW) matrix is formed.
+//    framework's own GEMM (passed in by the glue). The tile is at most tile_bytes(), so no (HW, HW) matrix is formed.
 // Work: C * HW * (mask_h rows * W) multiply-adds per product -- O(C * HW * |window|) for PSANet's full-coverage
 // masks -- and 2 (forward) or 4 (backward) exps per pair. Extra memory: O(HW) statistics plus one tile.
 // Every output element is written exactly once (no accumulation into the caller's buffers, no reliance on zeroed
