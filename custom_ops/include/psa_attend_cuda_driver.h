@@ -31,7 +31,7 @@ namespace segtwin {
 namespace psa {
 
 // Upper bound of one device weight tile in bytes: 64 MiB, or $SEGTWIN_PSA_ATTEND_TILE_BYTES (as for the CPU driver,
-// whose default is 8 MiB; the tests shrink it to exercise many bands).
+// whose default is 32 MiB; the tests shrink it to exercise many bands).
 inline int64_t device_tile_bytes() {
   const char* env = std::getenv("SEGTWIN_PSA_ATTEND_TILE_BYTES");
   if (env != nullptr && *env != '\0') {
