@@ -86,6 +86,7 @@ def _init_facts(sd) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- key names
+@pytest.mark.slow  # builds the full W48 in both frameworks per variant (~7 s each)
 @pytest.mark.parametrize("psa", VARIANTS)
 def test_official_key_names_and_shapes(psa):
     tm, pm, _ = _pair(psa)

@@ -116,6 +116,7 @@ def test_other_globals_are_still_refused(tmp_path, extra, capsys):
     assert "payload ran" not in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a full W48 checkpoint through the converter (~10 s)
 def test_convert_nvidia_checkpoint(tmp_path, torch_p):
     src = save_official("hrnet_ocr_psa", torch_p, tmp_path / "ckpt.pth")
     rep = convert("hrnet_ocr_psa", src, tmp_path / "out.pdparams")

@@ -98,6 +98,7 @@ def test_inference_options_rule(tmp_path, cs_root):
 # the inference builder vs the trainer's
 
 
+@pytest.mark.slow  # builds PSANet three times (~4 s)
 def test_inference_builder_takes_fused_psa_unless_set(tmp_path, cs_root, capsys):
     cfg = load_config(_write_cfg(tmp_path / "c.yml", cs_root, PSA))
     model = _cli.build_model(cfg, None)
@@ -116,6 +117,7 @@ def test_inference_builder_takes_fused_psa_unless_set(tmp_path, cs_root, capsys)
     assert lines[-1].startswith("segtwin eval: error: PSA psa_impl must be one of")
 
 
+@pytest.mark.slow  # builds two trainers (~5 s)
 def test_training_keeps_the_recipe_path_and_can_select_the_fused_one(tmp_path, cs_root):
     from paddle_impl.engine.trainer import Trainer
 

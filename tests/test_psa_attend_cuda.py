@@ -54,6 +54,7 @@ def test_build_includes_psa_attend_cu_with_cuda(monkeypatch):
         assert not any(s.endswith(".cu") for s in build._build_spec(fw)["sources"])
 
 
+@pytest.mark.slow  # nvcc (~5 s)
 @pytest.mark.parametrize("std", ["c++17"])  # C++20 of each .cu: tests/test_psa_mask_build.py (the suite's budget)
 def test_nvcc_check_covers_psa_attend_cu(tmp_path, std):
     """The compile check (python -m custom_ops.build --nvcc-check, nvcc_check_all) compiles psa_attend.cu for sm_80

@@ -109,6 +109,7 @@ def test_cuda_kernel_body_emulated_on_cpu(tmp_path):
     assert f"checked {len(shapes) * 16}, mismatches 0" in run.stdout
 
 
+@pytest.mark.slow  # nvcc, 2-4 s per source and standard
 @pytest.mark.parametrize("source", [s.name for s in build.CUDA_SOURCES])
 @pytest.mark.parametrize("std", ["c++17", "c++20"])
 def test_cuda_kernels_compile_with_nvcc_for_sm80_sm90(tmp_path, std, source):

@@ -265,6 +265,7 @@ def test_missing_dataset_root_names_path(tmp_path, data, capsys):
     assert str(missing) in err and "train_dataset.dataset_root" in err
 
 
+@pytest.mark.slow  # a CLI training run (~5 s)
 def test_cli_data_root_and_iters_override(tmp_path, data):
     p = tiny_config(tmp_path / "tiny.yml", "Cityscapes", tmp_path / "nowhere", iters=50)
     from paddle_impl import train
