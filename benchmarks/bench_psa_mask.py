@@ -209,10 +209,12 @@ def test_reference_loop(benchmark, kind):
 # --- the compiled op against a plain copy, at the seed's shape and at full resolution ----------------------------
 #
 # Seed shape: the seed's Cityscapes recipe (crop 512x1024 -> 64x128 features -> shrink 2 -> 32x64, mask 59x59),
-# N = 2: x (2, 3481, 32, 64) -> (2, 2048, 32, 64). Floor (the baseline): `copy_` of an output-sized tensor into a
-# preallocated one (reads and writes the output's bytes once; the op writes the output and reads the used part of
-# its input, ~1.35x those bytes). Two more rows pay a fresh allocation, as the op does: `clone()` (copy into it) and
-# `empty().fill_(1.0)` (store into it).
+# N = 2: x (2, 3481, 32, 64) -> (2, 2048, 32, 64). Each direction has its own group, whose baseline is `copy_` of a
+# tensor the size of THAT direction's result into a preallocated one (forward: the output, 33.5 MB; backward: the
+# input gradient, 57 MB); the op reads at most as many bytes as it writes. The op runs twice: as called in a model
+# (a fresh result tensor: torch's allocator maps new pages for a tensor this large, and their first-touch faults are
+# part of the time) and through the `.out` overload into a reused buffer (the kernel alone). Two more rows pay a
+# fresh allocation without the op: `clone()` (copy into it) and `empty().fill_(1.0)` (store into it).
 # Full resolution: 1024x2048 inference (128x256 features -> 64x128, mask 127x255), N = 1; floor `zeros` of the
 # output (1.07 GB: the copy floor would need twice that). Printed by conftest's ratio table (group baseline).
 
@@ -236,45 +238,57 @@ def _case_tensors(torch, case):
     return x, (n, h * w, h, w), (mh, mw)
 
 
-@pytest.mark.benchmark(group="psa_mask seed shape vs copy")
-def test_seed_copy_floor(benchmark, copy_setup):
-    """The baseline: copy an output-sized tensor into a preallocated one (no allocation, no page faults)."""
+def _result_shape(direction, x, out_shape):
+    return out_shape if direction == "forward" else tuple(x.shape)
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_seed_copy_floor(benchmark, copy_setup, direction):
+    """The baseline: copy a tensor the size of the direction's result into a preallocated one (no allocation)."""
     torch = copy_setup
-    _, out_shape, _ = _case_tensors(torch, "seed")
-    y, dst = torch.randn(out_shape), torch.empty(out_shape)
+    x, out_shape, _ = _case_tensors(torch, "seed")
+    shape = _result_shape(direction, x, out_shape)
+    y, dst = torch.randn(shape), torch.empty(shape)
+    benchmark.group = f"psa_mask seed shape {direction} vs copy"
     benchmark.extra_info["baseline"] = True
     benchmark(dst.copy_, y)
 
 
-@pytest.mark.benchmark(group="psa_mask seed shape vs copy")
-def test_seed_clone_floor(benchmark, copy_setup):
-    """The same copy into a fresh allocation, as the op's output is (first-touch page faults included)."""
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_seed_clone_floor(benchmark, copy_setup, direction):
+    """The same copy into a fresh allocation, as the op's result is (first-touch page faults included)."""
     torch = copy_setup
-    _, out_shape, _ = _case_tensors(torch, "seed")
-    y = torch.randn(out_shape)
+    x, out_shape, _ = _case_tensors(torch, "seed")
+    y = torch.randn(_result_shape(direction, x, out_shape))
+    benchmark.group = f"psa_mask seed shape {direction} vs copy"
     benchmark(y.clone)
 
 
-@pytest.mark.benchmark(group="psa_mask seed shape vs copy")
-def test_seed_fresh_floor(benchmark, copy_setup):
-    """The fresh-allocation floor: allocate an output-sized tensor and store to every element once (no read), as
-    the op does with its output -- the first-touch page faults of the allocation without the copy's reads."""
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_seed_fresh_floor(benchmark, copy_setup, direction):
+    """The fresh-allocation floor: allocate a result-sized tensor and store to every element once (no read), as
+    the op does with its result -- the first-touch page faults of the allocation without the copy's reads."""
     torch = copy_setup
-    _, out_shape, _ = _case_tensors(torch, "seed")
-    benchmark(lambda: torch.empty(out_shape).fill_(1.0))
+    x, out_shape, _ = _case_tensors(torch, "seed")
+    shape = _result_shape(direction, x, out_shape)
+    benchmark.group = f"psa_mask seed shape {direction} vs copy"
+    benchmark(lambda: torch.empty(shape).fill_(1.0))
 
 
-@pytest.mark.benchmark(group="psa_mask seed shape vs copy")
+@pytest.mark.parametrize("into", ["fresh", "out="])
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 @pytest.mark.parametrize("kind", list(TYPES))
-def test_seed_compiled(benchmark, copy_setup, kind, direction):
+def test_seed_compiled(benchmark, copy_setup, kind, direction, into):
     torch = copy_setup
     x, out_shape, (mh, mw) = _case_tensors(torch, "seed")
-    if direction == "forward":
-        benchmark(torch.ops.segtwin.psa_mask, x, TYPES[kind], mh, mw)
+    benchmark.group = f"psa_mask seed shape {direction} vs copy"
+    op = torch.ops.segtwin.psa_mask if direction == "forward" else torch.ops.segtwin.psa_mask_backward
+    src = x if direction == "forward" else torch.randn(out_shape)
+    if into == "fresh":
+        benchmark(op, src, TYPES[kind], mh, mw)
     else:
-        g = torch.randn(out_shape)
-        benchmark(torch.ops.segtwin.psa_mask_backward, g, TYPES[kind], mh, mw)
+        buf = torch.empty(_result_shape(direction, x, out_shape))
+        benchmark(op.out, src, TYPES[kind], mh, mw, out=buf)
 
 
 @pytest.mark.benchmark(group="psa_mask full resolution vs zeros")

@@ -5,6 +5,7 @@ equality (the op only copies values), forward and backward.
 """
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -118,13 +119,13 @@ def test_dtypes_forward_backward(framework, impl, dtype):
             np.testing.assert_array_equal(gx, gx_ref)
 
 
-# Shapes whose packed source per destination row r is large enough that the CPU loop splits the H rows of a group
-# into several work items (at most 256 KiB of pack per item, kPackBudgetBytes in psa_mask_cpu.h), most with an
-# uneven last item (the SWEEP shapes all fit one item). Pack per r: forward mask_w*W, backward W*W elements. Rows
-# per item, forward / backward, for 2-, 4- and 8-byte elements:
-#   (2, 2, 129, 11, 64) N=2, even mask, wider than the full window: 11 / 11, 6+5 / 11, 3+3+3+2 / 6+5
-#   (1, 5, 9, 7, 96)    mask smaller than the map:                   7 / 7, 7 / 7, 7 / 3+3+1
-#   (1, 1, 255, 9, 128) 1xW mask:                                    3+3+3 / 5+4, 2+2+2+2+1 / 3+3+3, 1 x 9 / 2+2+2+2+1
+# Shapes whose stage per destination row r is large enough that the CPU loop splits the H rows of a group into
+# several work items (at most 256 KiB of stage per item, kStageBudgetBytes in psa_mask_cpu.h), most with an uneven
+# last item (the SWEEP shapes all fit one item). Stage per r: W x (the span of window indices the group's rows
+# read). Rows per item, forward / backward (the same for both types), for 2-, 4- and 8-byte elements:
+#   (2, 2, 129, 11, 64) N=2, even mask, wider than the full window: 11 / 6+5, 6+5 / 4+4+3, 4+4+3 / 2+2+2+2+2+1
+#   (1, 5, 9, 7, 96)    mask smaller than the map:                   7 / 7, 3+3+1 / 4+3, 1 x 7 / 3+3+1
+#   (1, 1, 255, 9, 128) 1xW mask:                                    3+3+3 / 2+2+2+2+1, 2+2+2+2+1 / 1 x 9, 1 x 9 / 1 x 9
 ROW_BLOCK_CASES = [(2, 2, 129, 11, 64, "row blocks, wide even mask, N=2"), (1, 5, 9, 7, 96, "row blocks, small mask"),
                    (1, 1, 255, 9, 128, "row blocks, 1xW mask")]
 
@@ -235,3 +236,47 @@ def test_sign_of_zero(framework):
     np.testing.assert_array_equal(np.signbit(results["cpp"][1]), np.signbit(gx_ref))
     flipped = int(np.count_nonzero(np.signbit(results["tensor"][1]) != np.signbit(gx_ref)))
     assert flipped == neg_zero_in_gx  # exactly the negative zeros, all of them
+
+
+# --- torch's `.out` overloads: into a caller's buffer --------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_torch_out_overloads_fill_every_element(dtype):
+    """psa_mask.out / psa_mask_backward.out write the reference result into the given buffer and return it. The
+    buffer is prefilled with NaN, so an element the loop skipped (a zero it did not write) would show."""
+    ref.require_op("torch")
+    import torch
+
+    for case in (SWEEP[1], SWEEP[5], SWEEP[10], (1, 1, 255, 9, 128, "1xW mask")):
+        mh, mw = case[1:3]
+        for t in TYPES:
+            x, y_ref, g, gx_ref = reference_case(case, t, np.float32)
+            xt, gt = torch.from_numpy(x).to(getattr(torch, dtype)), torch.from_numpy(g).to(getattr(torch, dtype))
+            out = torch.full(y_ref.shape, float("nan"), dtype=xt.dtype)
+            res = torch.ops.segtwin.psa_mask.out(xt, t, mh, mw, out=out)
+            assert res.data_ptr() == out.data_ptr()
+            np.testing.assert_array_equal(out.numpy(), y_ref)
+            gout = torch.full(gx_ref.shape, float("nan"), dtype=gt.dtype)
+            torch.ops.segtwin.psa_mask_backward.out(gt, t, mh, mw, out=gout)
+            np.testing.assert_array_equal(gout.numpy(), gx_ref)
+
+
+def test_torch_out_overload_rejects_a_wrong_buffer():
+    """A wrong buffer is an error naming what is wrong -- never a silent resize or reallocation."""
+    ref.require_op("torch")
+    import torch
+
+    x = torch.randn(1, 9, 4, 5)
+    op = torch.ops.segtwin.psa_mask.out
+    cases = {
+        "shape [1, 20, 4, 5], got [1, 20, 4, 4]": torch.empty(1, 20, 4, 4),
+        "dtype Float, got Double": torch.empty(1, 20, 4, 5, dtype=torch.float64),
+        "must be contiguous": torch.empty(1, 20, 5, 4).transpose(2, 3),
+    }
+    for message, buf in cases.items():
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            op(x, 0, 3, 3, out=buf)
+    # out aliasing the input: a 2x2 mask on a 2x2 map has H*W = mask_h*mask_w channels, so out could be x itself
+    x2 = torch.randn(1, 4, 2, 2)
+    with pytest.raises(RuntimeError, match="out overlaps the input"):
+        op(x2, 0, 2, 2, out=x2)

@@ -1,8 +1,8 @@
-// segtwin PSA mask: the CPU loops over the bodies of psa_mask_kernel.h. Host only, no framework headers.
+// segtwin PSA mask: the CPU loops over the geometry of psa_mask_kernel.h. Host only, no framework headers.
 //
-// Parallel (OpenMP) over groups of destination rows that share their source rows (see psa_mask_cpu below). Every
-// destination element is written exactly once in a single pass (zeros and copied values), so the output buffer may
-// come from an uninitialised allocation.
+// Parallel (OpenMP) over blocks of destination rows that share their source rows (see psa_mask_cpu below). Every
+// destination element is written exactly once (a copied value or a zero), so the output buffer may come from an
+// uninitialised allocation.
 //
 // The op moves values and never does arithmetic on them, so one instantiation per element width serves every
 // floating type: float (4 bytes), double (8 bytes), and uint16_t for the bit patterns of float16 / bfloat16
@@ -20,89 +20,138 @@
 #include <omp.h>
 #endif
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 namespace segtwin {
 namespace psa {
 
 // Below this many destination elements the loop stays on the calling thread (a parallel region costs more).
 constexpr int64_t kCpuParallelGrain = 1 << 15;
 
+// Bytes of stage one work item may hold (per thread; the L2 cache is 0.5-1 MiB per core on current CPUs).
+constexpr int64_t kStageBudgetBytes = 256 << 10;
+
+// 4x4 block transpose: out[j][k] = in[k][j], where in[k] and out[j] each point to 4 contiguous elements.
 template <typename T>
-inline void fill_row(T* dst, const T* src, const PsaRow& r, int64_t width) {
-  int64_t col = 0;
-  for (; col < r.lo; ++col) dst[col] = T(0);
-  // Index arithmetic stays in int64 (r.base alone may lie outside the buffer; base + col*stride never does).
-  for (; col < r.hi; ++col) dst[col] = src[r.base + col * r.stride];
-  for (; col < width; ++col) dst[col] = T(0);
+inline void transpose4(const T* const in[4], T* const out[4]) {
+  for (int j = 0; j < 4; ++j) {
+    for (int k = 0; k < 4; ++k) out[j][k] = in[k][j];
+  }
+}
+
+#if defined(__SSE2__)
+// float (the type that matters for speed): four unaligned loads, the SSE shuffle transpose, four stores.
+inline void transpose4(const float* const in[4], float* const out[4]) {
+  __m128 r0 = _mm_loadu_ps(in[0]), r1 = _mm_loadu_ps(in[1]), r2 = _mm_loadu_ps(in[2]), r3 = _mm_loadu_ps(in[3]);
+  _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+  _mm_storeu_ps(out[0], r0);
+  _mm_storeu_ps(out[1], r1);
+  _mm_storeu_ps(out[2], r2);
+  _mm_storeu_ps(out[3], r3);
+}
+#endif
+
+template <typename T>
+inline void zero_run(T* dst, int64_t count) {
+  for (int64_t e = 0; e < count; ++e) dst[e] = T(0);
 }
 
 // forward == true: dst = out (N, HW, H, W), src = x (N, C, H, W).
 // forward == false: dst = grad_x (N, C, H, W), src = grad_out (N, HW, H, W).
 //
-// Traversal (cache blocking). A destination row of either direction reads its W values from W different source
-// planes, so walking the destination plane by plane (each plane's H rows in turn) streams the whole source through
-// the cache again for every plane. Instead, one work item is a GROUP of destination rows that share their source:
-//   forward, item (n, kh, r): the rows r of the W planes k = kh*W + kw (kw = 0..W-1). With i = kh - r + half_h
-//     (collect) or r - kh + half_h (distribute), all of them read the mask_w planes i*mask_w .. i*mask_w+mask_w-1 of
-//     x at one feature row (collect: row r; distribute: row kh) -- mask_w*W values;
-//   backward, item (n, i, ph): the rows ph of the mask_w planes i*mask_w + j (j = 0..mask_w-1). All of them read
-//     the W planes of one feature row qh = ph + i - half_h of grad_out at one row (collect: row ph of planes
-//     qh*W..qh*W+W-1; distribute: row qh of planes ph*W..ph*W+W-1) -- W*W values.
-// The group's source (15-130 KB at PSANet's shapes) stays in L1/L2 while its rows are written, and each source row
-// is brought in from memory once. The rows themselves are the same row bodies as before (forward_row_at /
-// backward_row_at, shared with the CUDA kernel), each written in one pass: zeros, copies, zeros. Items write
-// disjoint rows, so every destination element is still written exactly once.
-// Floor division (b > 0), for the pack coordinates below.
-inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
-
-// A source offset k*plane + col from the group's origin (0 <= col < width <= plane) as an index of the packed copy
-// pack[k*width + col]. Also converts a row's stride (+-1 plane and 0 or +1 column: 1 - HW, HW, HW + 1).
-inline int64_t pack_index(int64_t offset, int64_t plane, int64_t width) {
-  const int64_t k = floor_div(offset, plane);
-  return k * width + (offset - k * plane);
-}
-
-// Bytes of packed source one work item may hold (per thread; the L2 cache is 0.5-1 MiB per core on current CPUs).
-constexpr int64_t kPackBudgetBytes = 256 << 10;
-
+// A destination row (length W) of either direction reads its W values from W different source planes, along a
+// diagonal: the source index moves by one plane and by 0 or +-1 column per destination column (psa_mask_kernel.h).
+// Gathering such a diagonal element by element from memory streams the source through the cache over and over; a
+// plain packed copy with a strided gather (this loop's previous form) still pays a scalar load per element. So:
+//
+// Groups. For a destination "group" (a, r) -- forward: row r of the W planes kh*W .. kh*W+W-1 (a = kh); backward:
+// row ph of the mask_w planes i*mask_w .. i*mask_w+mask_w-1 (a = i, r = ph) -- all its rows b read the same source
+// rows P[s][c] = src[first_plane + s, src_row, c] (forward: the mask_w planes of window row i at one feature row;
+// backward: the W planes of feature row qh at one row). With the group's destination D[b][col]:
+//   forward collect     D[b][col] = P[b + half_w - col][col]     (b = kw)
+//   forward distribute  D[b][col] = P[col - b + half_w][b]
+//   backward collect    D[b][col] = P[col + b - half_w][col]      (b = j)
+//   backward distribute D[b][col] = P[col][col + b - half_w]
+// (a source index outside P reads zero: the window cell misses the image).
+//
+// Stage. The group's source is copied once into a per-thread stage M, transposed in 4x4 blocks (M[c][s] = P[s][c];
+// backward distribute keeps M = P), with zero pads on either side so that every index above lands in M. Then, for
+// all cases but forward distribute, D[b][col] = M[col][b + sigma*col + off] (sigma = -1, off = half_w forward;
+// +1, -half_w backward): for a fixed col and b..b+3 that is 4 contiguous elements of M, so the destination is
+// written in 4x4 transposed blocks too (4 row pieces of 4 columns per block). Forward distribute needs no second
+// transpose: D[b][col] = M[b][col - b + half_w] is a contiguous piece of M's row b.
+//
+// Blocks of rows. One work item is a block of consecutive rows r of one (n, a) (as many stages as the budget holds,
+// spread evenly over the H rows), so that each destination plane receives runs of rows x W contiguous elements.
+// Destination rows that no window cell reaches are zeroed in one run per plane. Items write disjoint rows, and each
+// destination element is written once (a transposed-block store, a tail store or a zero), so the output may be
+// uninitialised memory.
 template <typename T>
 void psa_mask_cpu(const T* src, T* dst, const PsaGeom& g, int psa_type, bool forward, int num_threads) {
   const int64_t width = g.w;
-  const int64_t groups = forward ? g.h : g.mask_h;      // kh (forward) or i (backward)
-  const int64_t group_rows = forward ? g.w : g.mask_w;  // rows per group: kw = 0..W-1 or j = 0..mask_w-1
-  const int64_t planes = forward ? g.hw : g.c;          // destination channels
-  const int64_t src_rows = forward ? g.mask_w : g.w;    // source rows per group
-  const int64_t src_planes = forward ? g.c : g.hw;      // source channels
-  const int64_t pack_elems = src_rows * width;          // one group's packed source
-  // Groups per work item: consecutive r (the row inside the destination planes), as many as the pack budget holds,
-  // spread evenly over the H rows (e.g. 2 x 16 rather than 17 + 15).
-  const int64_t pack_bytes = pack_elems * static_cast<int64_t>(sizeof(T));
-  const int64_t max_rows = pack_bytes > 0 ? imax(kPackBudgetBytes / pack_bytes, 1) : g.h;
+  const int64_t groups = forward ? g.h : g.mask_h;                // a: kh (forward) or i (backward)
+  const int64_t rows = forward ? g.w : g.mask_w;                  // b: kw or j, destination rows per (a, r)
+  const int64_t planes = forward ? g.hw : g.c;                    // destination channels
+  const int64_t src_planes = forward ? g.c : g.hw;                // source channels
+  const int64_t entries = forward ? g.mask_w : g.w;               // valid range of the stage's inner index t
+  const bool keep_p = !forward && psa_type == kDistribute;        // M = P (else M = P transposed)
+  const bool row_copy = forward && psa_type == kDistribute;       // D[b] is a contiguous piece of M[b]
+  const int64_t sigma = forward ? -1 : 1;
+  const int64_t off = forward ? g.half_w : -g.half_w;
+  // Destination rows [b_lo, b_hi) can hold a value; the inner index t of those rows spans [tmin, tmax].
+  int64_t b_lo = 0, b_hi = rows, tmin, tmax;
+  if (row_copy) {
+    tmin = g.half_w - (rows - 1);
+    tmax = width - 1 + g.half_w;
+  } else if (sigma < 0) {  // t = b + off - col
+    b_lo = imax(0, -off);
+    b_hi = imin(rows, entries + width - 1 - off);
+    tmin = b_lo + off - (width - 1);
+    tmax = b_hi - 1 + off;
+  } else {  // t = b + off + col
+    b_lo = imax(0, -off - (width - 1));
+    b_hi = imin(rows, entries - off);
+    tmin = b_lo + off;
+    tmax = b_hi - 1 + (width - 1) + off;
+  }
+  if (b_hi < b_lo) b_hi = b_lo;
+  if (tmax < tmin) tmax = tmin;
+  const int64_t t_lo = imax(tmin, 0), t_hi = imin(tmax + 1, entries);  // the part of M that holds source values
+  const int64_t pitch = tmax - tmin + 1;                                 // M[row][t] at row*pitch + (t - tmin)
+  const int64_t stage_elems = width * pitch;                             // W rows (M = P: W rows too, backward)
+  const int64_t stage_bytes = stage_elems * static_cast<int64_t>(sizeof(T));
+  const int64_t max_rows = stage_bytes > 0 ? imax(kStageBudgetBytes / stage_bytes, 1) : g.h;
   const int64_t row_blocks = g.h > 0 ? (g.h + max_rows - 1) / max_rows : 0;
   const int64_t rows_per_item = row_blocks > 0 ? (g.h + row_blocks - 1) / row_blocks : 1;
   const int64_t items = g.n * groups * row_blocks;
+  const int64_t row_step = g.h * width;  // from destination row (b, r) to (b + 1, r)
 #ifdef _OPENMP
-  const bool parallel = num_threads > 1 && g.n * groups * g.h * group_rows * width >= kCpuParallelGrain;
+  const bool parallel = num_threads > 1 && g.n * groups * g.h * rows * width >= kCpuParallelGrain;
 #pragma omp parallel num_threads(num_threads) if (parallel)
 #else
   (void)num_threads;  // built without OpenMP: one thread
 #endif
   {
-    // The item's source rows, copied into contiguous blocks (one per r): they are rows of distant planes (one plane
-    // apart), whose addresses alias to the same cache sets; the copy is read sequentially once and then hit in cache.
-    std::vector<T> pack(static_cast<size_t>(rows_per_item * pack_elems));
-    std::vector<int64_t> origins(static_cast<size_t>(rows_per_item));
+    // One stage per row of the item. Value-initialised: the pads are zero and stay zero (only [t_lo, t_hi) of each
+    // stage row is ever written).
+    std::vector<T> stage(static_cast<size_t>(rows_per_item * stage_elems));
+    std::vector<char> has_source(static_cast<size_t>(rows_per_item));
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
     for (int64_t item = 0; item < items; ++item) {
       const int64_t rb = item % row_blocks;
-      const int64_t ng = item / row_blocks;
-      const int64_t a = ng % groups;  // kh or i
-      const int64_t n = ng / groups;
+      const int64_t na = item / row_blocks;
+      const int64_t a = na % groups;
+      const int64_t n = na / groups;
       const int64_t r0 = rb * rows_per_item;
       const int64_t r1 = imin(r0 + rows_per_item, g.h);
+      bool any_source = false;
       for (int64_t r = r0; r < r1; ++r) {
-        // The first source row of group r: forward x[n, i*mask_w, row, :]; backward grad_out[n, plane0, row, :].
+        // The group's source: P[s][c] = p[s*hw + c] (forward: x[n, i*mask_w + s, row, c]; backward collect
+        // grad_out[n, qh*W + s, ph, c]; backward distribute grad_out[n, ph*W + s, qh, c]).
         int64_t first_plane = -1, src_row = 0;
         if (forward) {
           const int64_t i = psa_type == kCollect ? a - r + g.half_h : r - a + g.half_h;
@@ -117,29 +166,93 @@ void psa_mask_cpu(const T* src, T* dst, const PsaGeom& g, int psa_type, bool for
             src_row = psa_type == kCollect ? r : qh;
           }
         }
-        const int64_t origin = ((n * src_planes + (first_plane < 0 ? 0 : first_plane)) * g.h + src_row) * width;
-        origins[r - r0] = origin;
-        if (first_plane >= 0) {
-          T* to = pack.data() + (r - r0) * pack_elems;
-          for (int64_t k = 0; k < src_rows; ++k, to += width) {
-            const T* from = src + origin + k * g.hw;
-            for (int64_t col = 0; col < width; ++col) to[col] = from[col];
+        has_source[r - r0] = first_plane >= 0;
+        if (first_plane < 0) continue;
+        any_source = true;
+        const T* const p = src + ((n * src_planes + first_plane) * g.h + src_row) * width;
+        T* const m = stage.data() + (r - r0) * stage_elems;  // M[row][t] = m[row*pitch + t - tmin]
+        if (keep_p) {
+          for (int64_t s = 0; s < g.w; ++s) {
+            const T* from = p + s * g.hw;
+            T* to = m + s * pitch - tmin;
+            for (int64_t c = 0; c < width; ++c) to[c] = from[c];
+          }
+          continue;
+        }
+        int64_t s = t_lo;
+        for (; s + 4 <= t_hi; s += 4) {  // M[c][s..s+3] = P[s..s+3][c], in 4x4 blocks
+          const T* in[4] = {p + s * g.hw, p + (s + 1) * g.hw, p + (s + 2) * g.hw, p + (s + 3) * g.hw};
+          int64_t c = 0;
+          for (; c + 4 <= width; c += 4) {
+            const T* from[4] = {in[0] + c, in[1] + c, in[2] + c, in[3] + c};
+            T* to[4] = {m + c * pitch + s - tmin, m + (c + 1) * pitch + s - tmin, m + (c + 2) * pitch + s - tmin,
+                        m + (c + 3) * pitch + s - tmin};
+            transpose4(from, to);
+          }
+          for (; c < width; ++c) {
+            for (int k = 0; k < 4; ++k) m[c * pitch + s + k - tmin] = in[k][c];
+          }
+        }
+        for (; s < t_hi; ++s) {
+          const T* from = p + s * g.hw;
+          for (int64_t c = 0; c < width; ++c) m[c * pitch + s - tmin] = from[c];
+        }
+      }
+      T* const out0 = dst + ((n * planes + a * rows) * g.h + r0) * width;  // destination row (b, r) at
+      const int64_t run = (r1 - r0) * width;                              //   out0 + b*row_step + (r - r0)*W
+      for (int64_t b = 0; b < rows; ++b) {  // rows no window cell reaches (all of them if no row r has a source)
+        if (any_source && b >= b_lo && b < b_hi) continue;
+        zero_run(out0 + b * row_step, run);
+      }
+      if (!any_source) continue;
+      if (row_copy) {  // forward distribute: D[b][col] = M[b][col - b + half_w]
+        for (int64_t b = 0; b < rows; ++b) {
+          T* o = out0 + b * row_step;
+          for (int64_t r = r0; r < r1; ++r, o += width) {
+            const T* from = stage.data() + (r - r0) * stage_elems + b * pitch + g.half_w - b - tmin;
+            if (has_source[r - r0]) {
+              for (int64_t col = 0; col < width; ++col) o[col] = from[col];
+            } else {
+              zero_run(o, width);
+            }
+          }
+        }
+        continue;
+      }
+      // D[b][col] = M[col][b + sigma*col + off] = diag[col*(pitch + sigma) + b], diag = M[0][off] of row r's stage.
+      const int64_t col_step = pitch + sigma;
+      int64_t b = b_lo;
+      for (; b + 4 <= b_hi; b += 4) {
+        for (int64_t r = r0; r < r1; ++r) {
+          T* o[4] = {out0 + b * row_step, out0 + (b + 1) * row_step, out0 + (b + 2) * row_step,
+                     out0 + (b + 3) * row_step};
+          for (int k = 0; k < 4; ++k) o[k] += (r - r0) * width;
+          if (!has_source[r - r0]) {
+            for (int k = 0; k < 4; ++k) zero_run(o[k], width);
+            continue;
+          }
+          const T* const diag = stage.data() + (r - r0) * stage_elems + off - tmin + b;
+          int64_t col = 0;
+          for (; col + 4 <= width; col += 4) {
+            const T* from[4] = {diag + col * col_step, diag + (col + 1) * col_step, diag + (col + 2) * col_step,
+                                diag + (col + 3) * col_step};
+            T* to[4] = {o[0] + col, o[1] + col, o[2] + col, o[3] + col};
+            transpose4(from, to);
+          }
+          for (; col < width; ++col) {
+            for (int k = 0; k < 4; ++k) o[k][col] = diag[col * col_step + k];
           }
         }
       }
-      // Destination rows plane by plane: the item's rows r0..r1-1 of one plane are contiguous in memory.
-      for (int64_t b = 0; b < group_rows; ++b) {  // kw or j
-        const int64_t plane = forward ? a * g.w + b : a * g.mask_w + b;
-        T* out = dst + ((n * planes + plane) * g.h + r0) * width;
-        for (int64_t r = r0; r < r1; ++r, out += width) {
-          PsaRow row = forward ? forward_row_at(g, psa_type, n, a, b, r) : backward_row_at(g, psa_type, n, a, b, r);
-          if (row.lo < row.hi) {  // non-empty rows read group r's source: its packed copy
-            // Convert through the row's first real element (its column lies in [0, W), unlike the base's).
-            const int64_t first = pack_index(row.base + row.lo * row.stride - origins[r - r0], g.hw, width);
-            row.stride = pack_index(row.stride, g.hw, width);
-            row.base = first - row.lo * row.stride;
+      for (; b < b_hi; ++b) {
+        T* o = out0 + b * row_step;
+        for (int64_t r = r0; r < r1; ++r, o += width) {
+          const T* const diag = stage.data() + (r - r0) * stage_elems + off - tmin + b;
+          if (has_source[r - r0]) {
+            for (int64_t col = 0; col < width; ++col) o[col] = diag[col * col_step];
+          } else {
+            zero_run(o, width);
           }
-          fill_row(out, pack.data() + (r - r0) * pack_elems, row, width);
         }
       }
     }

@@ -3,6 +3,7 @@
 // ../cuda/psa_mask.cu on the current stream). Autograd and the fake (meta) kernels are registered from Python
 // (torch_ref/ops/psa_mask.py) with torch.library.register_autograd / register_fake.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -56,11 +57,29 @@ at::Tensor alloc_dst(const at::Tensor& src, const psa::PsaGeom& g, bool forward)
   return at::empty(dst_shape(g, forward), src.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
-at::Tensor run_cpu(const at::Tensor& t, int64_t psa_type, int64_t mask_h, int64_t mask_w, bool forward) {
+// The caller's destination of the `.out` overloads: exactly the result's shape, dtype and device, contiguous, and
+// not overlapping the source (it is never resized: a wrong buffer is an error, not a silent reallocation).
+void check_out(const at::Tensor& out, const at::Tensor& src, const psa::PsaGeom& g, bool forward) {
+  const char* op = forward ? "segtwin::psa_mask.out" : "segtwin::psa_mask_backward.out";
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(dst_shape(g, forward)), op, ": out must have shape ",
+              at::IntArrayRef(dst_shape(g, forward)), ", got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == src.scalar_type(), op, ": out must have dtype ", src.scalar_type(), ", got ",
+              out.scalar_type());
+  TORCH_CHECK(out.device() == src.device(), op, ": out must be on ", src.device(), ", got ", out.device());
+  TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous (strides ", out.strides(), ")");
+  const at::MemOverlapStatus overlap = at::get_overlap_status(out, src);
+  TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op,
+              ": out overlaps the input in memory; pass a separate buffer");
+}
+
+// Runs the CPU loop into `out` (when given, after check_out) or into a fresh uninitialised tensor.
+at::Tensor run_cpu(const at::Tensor& t, int64_t psa_type, int64_t mask_h, int64_t mask_w, bool forward,
+                   const at::Tensor* out = nullptr) {
   const psa::PsaGeom g = check_and_geom(t, psa_type, mask_h, mask_w, forward);
   TORCH_CHECK(t.device().is_cpu(), "segtwin::psa_mask: CPU kernel called with a tensor on ", t.device());
   const at::Tensor src = t.contiguous();
-  at::Tensor dst = alloc_dst(src, g, forward);
+  if (out != nullptr) check_out(*out, src, g, forward);
+  at::Tensor dst = out != nullptr ? *out : alloc_dst(src, g, forward);
   if (dst.numel() == 0) return dst;
   const char* err = psa::psa_mask_cpu_bytes(src.const_data_ptr(), dst.mutable_data_ptr(),
                                             static_cast<int>(src.element_size()), g, static_cast<int>(psa_type),
@@ -75,6 +94,18 @@ at::Tensor psa_mask_cpu(const at::Tensor& x, int64_t psa_type, int64_t mask_h, i
 
 at::Tensor psa_mask_backward_cpu(const at::Tensor& grad_out, int64_t psa_type, int64_t mask_h, int64_t mask_w) {
   return run_cpu(grad_out, psa_type, mask_h, mask_w, false);
+}
+
+at::Tensor& psa_mask_out_cpu(const at::Tensor& x, int64_t psa_type, int64_t mask_h, int64_t mask_w,
+                             at::Tensor& out) {
+  run_cpu(x, psa_type, mask_h, mask_w, true, &out);
+  return out;
+}
+
+at::Tensor& psa_mask_backward_out_cpu(const at::Tensor& grad_out, int64_t psa_type, int64_t mask_h,
+                                      int64_t mask_w, at::Tensor& out) {
+  run_cpu(grad_out, psa_type, mask_h, mask_w, false, &out);
+  return out;
 }
 
 #ifdef SEGTWIN_WITH_CUDA
@@ -122,6 +153,10 @@ bool built_with_cuda() {
 TORCH_LIBRARY(segtwin, m) {
   m.def("psa_mask(Tensor x, int psa_type, int mask_h, int mask_w) -> Tensor");
   m.def("psa_mask_backward(Tensor grad_out, int psa_type, int mask_h, int mask_w) -> Tensor");
+  // Into a caller's buffer (CPU only): no allocation, so no first-touch page faults when the buffer is reused.
+  m.def("psa_mask.out(Tensor x, int psa_type, int mask_h, int mask_w, *, Tensor(a!) out) -> Tensor(a!)");
+  m.def("psa_mask_backward.out(Tensor grad_out, int psa_type, int mask_h, int mask_w, *, Tensor(a!) out) -> "
+        "Tensor(a!)");
   // Whether this build has the CUDA kernels (a plain function, no tensors).
   m.def("psa_mask_built_with_cuda() -> bool", &built_with_cuda);
   m.def("_psa_mask_alloc_probe(Tensor t, int psa_type, int mask_h, int mask_w, bool forward) -> Tensor");
@@ -130,6 +165,8 @@ TORCH_LIBRARY(segtwin, m) {
 TORCH_LIBRARY_IMPL(segtwin, CPU, m) {
   m.impl("psa_mask", &psa_mask_cpu);
   m.impl("psa_mask_backward", &psa_mask_backward_cpu);
+  m.impl("psa_mask.out", &psa_mask_out_cpu);
+  m.impl("psa_mask_backward.out", &psa_mask_backward_out_cpu);
   m.impl("_psa_mask_alloc_probe", &alloc_probe);
 }
 
