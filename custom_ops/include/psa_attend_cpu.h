@@ -54,16 +54,8 @@ inline void prefetch_run(const T* p, int64_t len) {
   for (int64_t k = 0; k < len; k += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(p + k, 0, 3);
 }
 
-// Upper bound of one weight tile in bytes: 8 MiB, or $SEGTWIN_PSA_ATTEND_TILE_BYTES (the tests shrink it to
-// exercise many bands).
-inline int64_t tile_bytes() {
-  const char* env = std::getenv("SEGTWIN_PSA_ATTEND_TILE_BYTES");
-  if (env != nullptr && *env != '\0') {
-    const long long v = std::atoll(env);
-    if (v > 0) return static_cast<int64_t>(v);
-  }
-  return int64_t(32) << 20;
-}
+// Upper bound of one weight tile in bytes: 32 MiB unless $SEGTWIN_PSA_ATTEND_TILE_BYTES says otherwise.
+inline int64_t tile_bytes() { return tile_bytes_or(int64_t(32) << 20); }
 
 // Rows per band: a tile of band pixels x (at most) every pixel of the map stays within tile_bytes().
 template <typename T>

@@ -30,16 +30,9 @@
 namespace segtwin {
 namespace psa {
 
-// Upper bound of one device weight tile in bytes: 64 MiB, or $SEGTWIN_PSA_ATTEND_TILE_BYTES (as for the CPU driver,
-// whose default is 32 MiB; the tests shrink it to exercise many bands).
-inline int64_t device_tile_bytes() {
-  const char* env = std::getenv("SEGTWIN_PSA_ATTEND_TILE_BYTES");
-  if (env != nullptr && *env != '\0') {
-    const long long v = std::atoll(env);
-    if (v > 0) return static_cast<int64_t>(v);
-  }
-  return int64_t(64) << 20;
-}
+// Upper bound of one device weight tile in bytes: 64 MiB unless $SEGTWIN_PSA_ATTEND_TILE_BYTES says otherwise (the
+// CPU driver's default is 32 MiB).
+inline int64_t device_tile_bytes() { return tile_bytes_or(int64_t(64) << 20); }
 
 // Pixel rows a band of `rows` rows pairs with, at most: its own rows widened by the window's height, within the map.
 inline int64_t partner_rows_bound(const AttendGeom& g, int64_t rows) {

@@ -21,6 +21,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "psa_mask_kernel.h"
@@ -256,6 +257,17 @@ SEGTWIN_HD void pixel_stats(const T* logits_n, const AttendGeom& g, int psa_type
   *m_out = m;
   *inv_z_out = inv;
   *w0_out = e0 * inv;
+}
+
+// Upper bound of one weight tile in bytes (host only): $SEGTWIN_PSA_ATTEND_TILE_BYTES when set to a positive
+// integer (the tests shrink it to exercise many bands), else the driver's default.
+inline int64_t tile_bytes_or(int64_t default_bytes) {
+  const char* env = std::getenv("SEGTWIN_PSA_ATTEND_TILE_BYTES");
+  if (env != nullptr && *env != '\0') {
+    const long long v = std::atoll(env);
+    if (v > 0) return static_cast<int64_t>(v);
+  }
+  return default_bytes;
 }
 
 }  // namespace psa
