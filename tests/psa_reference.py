@@ -297,4 +297,35 @@ def reference_case(case, psa_type: int, dtype=np.float64):
     return _CASE_CACHE[key]
 
 
+def torch_cuda(note: str = ""):
+    """torch, where a CUDA device is visible and the op was built with its CUDA kernels; else skip, saying why
+    (`note` is appended to the no-device reason)."""
+    import pytest
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip(f"no CUDA device visible to torch (torch {torch.__version__}, CUDA build: {torch.version.cuda})"
+                    + note)
+    require_op("torch")
+    if not torch.ops.segtwin.psa_mask_built_with_cuda():
+        pytest.skip("the torch op was built without CUDA kernels (nvcc / CUDA_HOME not found at build time)")
+    return torch
+
+
+def paddle_cuda(note: str = ""):
+    """Paddle, where a CUDA device is visible and the op was built with its CUDA kernels; else skip, saying why."""
+    import paddle
+    import pytest
+
+    if not (paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0):
+        pytest.skip(f"no CUDA device visible to Paddle {paddle.__version__} "
+                    f"(compiled with CUDA: {paddle.is_compiled_with_cuda()})" + note)
+    require_op("paddle")
+    from paddle_impl.ops.psa_mask import load_op
+
+    if not load_op().build_info.get("with_cuda"):
+        pytest.skip("the Paddle op was built without CUDA kernels (nvcc not found at build time)")
+    return paddle
+
+
 ensure_importable()

@@ -206,30 +206,11 @@ def test_cuda_driver_emulated_on_cpu(tmp_path):
 # --- with a GPU ----------------------------------------------------------------------------------------------
 
 def _torch_cuda():
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip(f"no CUDA device visible to torch (torch {torch.__version__}, CUDA build: {torch.version.cuda}): "
-                    f"the psa_attend CUDA kernels were compiled (nvcc) but cannot run here")
-    ref.require_op("torch")
-    if not torch.ops.segtwin.psa_mask_built_with_cuda():
-        pytest.skip("the torch op was built without CUDA kernels (nvcc / CUDA_HOME not found at build time)")
-    return torch
+    return ref.torch_cuda(": the psa_attend CUDA kernels were compiled (nvcc) but cannot run here")
 
 
 def _paddle_cuda():
-    import paddle
-
-    if not (paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0):
-        pytest.skip(f"no CUDA device visible to Paddle {paddle.__version__} (compiled with CUDA: "
-                    f"{paddle.is_compiled_with_cuda()}): the psa_attend CUDA kernels were compiled (nvcc) but cannot "
-                    f"run here")
-    ref.require_op("paddle")
-    from paddle_impl.ops.psa_mask import load_op
-
-    if not load_op().build_info.get("with_cuda"):
-        pytest.skip("the Paddle op was built without CUDA kernels (nvcc not found at build time)")
-    return paddle
+    return ref.paddle_cuda(": the psa_attend CUDA kernels were compiled (nvcc) but cannot run here")
 
 
 def _data(case, seed=0):

@@ -330,28 +330,11 @@ CUDA_CASES = ref.SWEEP + [(2, 9, 9, 40, 40, "5.1M outputs: more than one grid-st
 
 
 def _torch_cuda():
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip(f"no CUDA device visible to torch (torch {torch.__version__}, CUDA build: {torch.version.cuda})")
-    ref.require_op("torch")
-    if not torch.ops.segtwin.psa_mask_built_with_cuda():
-        pytest.skip("the torch op was built without CUDA kernels (nvcc / CUDA_HOME not found at build time)")
-    return torch
+    return ref.torch_cuda()
 
 
 def _paddle_cuda():
-    import paddle
-
-    if not (paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0):
-        pytest.skip(f"no CUDA device visible to Paddle {paddle.__version__} "
-                    f"(compiled with CUDA: {paddle.is_compiled_with_cuda()})")
-    ref.require_op("paddle")
-    from paddle_impl.ops.psa_mask import load_op
-
-    if not load_op().build_info.get("with_cuda"):
-        pytest.skip("the Paddle op was built without CUDA kernels (nvcc not found at build time)")
-    return paddle
+    return ref.paddle_cuda()
 
 
 @pytest.mark.gpu
