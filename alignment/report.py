@@ -186,8 +186,10 @@ def write_report(out: Path, verdict: dict, results: Dict[str, StepResult], image
                   f"`{w.get('key', '')}` | {w.get('max_abs_diff', '')} | {s.get('first_divergent') or ''} |")
     md.append("")
     for tag in ("forward", "backward"):
-        fd = v.get("trace", {}).get(f"first_divergent_{tag}")
-        md.append(f"- first divergent module ({tag} trace): **{fd or 'none'}**")
+        tr = v.get("trace", {})
+        fd = tr.get(f"first_divergent_{tag}")
+        ran = fd or tr.get(f"layers_{tag}", 1)  # 0 layers: the trace was not run (--no-trace, or N=1 backward)
+        md.append(f"- first divergent module ({tag} trace): **{fd or ('none' if ran else 'not run')}**")
     md.append("")
     for img in images:
         md += [f"![{img}]({img})", ""]

@@ -45,17 +45,25 @@ def parse_model_cfg(items) -> dict:
         raise AlignmentSetupError(str(e)) from None
 
 
-def parse_input_size(text) -> tuple:
+#: The steps that run the twins in training mode (BatchNorm on batch statistics): they need N >= 2.
+TRAIN_STEPS = ("loss", "backward")
+
+
+def parse_input_size(text, steps: Optional[Sequence[str]] = None) -> tuple:
+    """N,C,H,W of `--input-size`. N = 1 is accepted only when `steps` (default: all) run no training step: the
+    forward and metric steps run eval mode, the schedule step no forward at all."""
     try:
         vals = parse_size(text, "--input-size", "NCHW")
     except ValueError as e:
         raise AlignmentSetupError(str(e)) from None
     if vals[1] != 3:
         raise AlignmentSetupError(f"--input-size: the models take 3-channel RGB input, got C={vals[1]}")
-    if vals[0] < 2:
-        raise AlignmentSetupError("--input-size: N must be >= 2 (the loss and backward steps run BatchNorm in "
-                                  "training mode, which needs more than one value per channel; PSPNet's 1x1 pyramid "
-                                  f"branch has exactly N), got N={vals[0]}")
+    training = [s for s in (TRAIN_STEPS if steps is None else steps) if s in TRAIN_STEPS]
+    if vals[0] < 2 and training:
+        raise AlignmentSetupError(f"--input-size: N must be >= 2 for the {' and '.join(training)} step(s) (they run "
+                                  "BatchNorm in training mode, which needs more than one value per channel; "
+                                  "PSPNet's 1x1 pyramid branch has exactly N; --steps forward,schedule,metric take "
+                                  f"N=1), got N={vals[0]}")
     return vals
 
 
@@ -268,8 +276,10 @@ def _train_batch(recipe, data: Path, n: int):
 def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=None, seed: int = 0,
             num_classes: Optional[int] = None, threads: Optional[int] = None, policy: Optional[Policy] = None,
             iters: int = 3, model_cfg: Optional[dict] = None, config=None, opts=None,
-            side_cfg: Optional[dict] = None) -> tuple:
+            side_cfg: Optional[dict] = None, steps: Optional[Sequence[str]] = None) -> tuple:
     """Build both twins from the same official-format weights and the shared batch. Returns (ctx, provenance).
+
+    steps: the steps the run will take (default: all); only a run without training steps accepts N = 1.
 
     side_cfg: {"torch": {...}, "paddle": {...}}: model options for one side only, on top of the shared config (an
     implementation choice such as psa_impl / pam_impl: the torch reference path against the Paddle fused one, or the
@@ -298,7 +308,7 @@ def prepare(name: str, weights=None, out="segtwin_out", data=None, input_size=No
     if config is not None:
         model_cfg = {**config_model_cfg(recipe), **(model_cfg or {})}
         num_classes = num_classes or recipe.config.raw["model"].get("num_classes")
-    size = parse_input_size(input_size or spec.align_input)
+    size = parse_input_size(input_size or spec.align_input, steps)
     if weights is None and config is None:
         model_cfg = {**spec.align_cfg, **(model_cfg or {})}
     else:
@@ -495,7 +505,7 @@ def run(name: str, weights=None, out="segtwin_out", data=None, input_size=None, 
     t0 = time.time()
     ctx, provenance = prepare(name, weights=weights, out=out, data=data, input_size=input_size, seed=seed,
                               num_classes=num_classes, threads=threads, policy=policy, iters=iters,
-                              model_cfg=model_cfg, config=config, opts=opts, side_cfg=side_cfg)
+                              model_cfg=model_cfg, config=config, opts=opts, side_cfg=side_cfg, steps=steps)
     ctx.full_artifacts = full_artifacts
     ctx.lockstep = lockstep
     results = {}
@@ -513,8 +523,10 @@ def run(name: str, weights=None, out="segtwin_out", data=None, input_size=None, 
     provenance.update(_run_facts(ctx, results))
     fwd = bwd = None
     if trace:
+        if len(ctx.images) < 2:
+            log.info("%s: N=1: forward trace only (the backward trace runs BatchNorm in training mode)", name)
         try:
-            fwd, bwd = run_trace(ctx)
+            fwd, bwd = run_trace(ctx, backward=len(ctx.images) >= 2)
         except Exception as e:
             log.warning("trace failed: %s: %s", type(e).__name__, e)
     for step, res in results.items():
@@ -523,6 +535,7 @@ def run(name: str, weights=None, out="segtwin_out", data=None, input_size=None, 
     images = []
     if fwd is not None:
         rep.write_trace_csv(ctx.out_dir, fwd)
+    if bwd is not None:
         rep.write_trace_csv(ctx.out_dir, bwd)
     try:
         images = rep.plot(ctx.out_dir, [t for t in (fwd, bwd) if t is not None],

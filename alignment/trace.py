@@ -113,8 +113,9 @@ def _compare_layers(ctx: Context, direction: str, order: List[str], a: Dict[str,
     return tr
 
 
-def run_trace(ctx: Context) -> Tuple[Trace, Trace]:
-    """Forward trace (eval) and backward trace (train, dropout 0, the model's loss) of both twins."""
+def run_trace(ctx: Context, backward: bool = True) -> Tuple[Trace, Optional[Trace]]:
+    """Forward trace (eval) and backward trace (train, dropout 0, the model's loss) of both twins; the backward
+    trace is None when `backward` is False (a batch of one image: training-mode BatchNorm needs N >= 2)."""
     import paddle
     import torch
 
@@ -137,6 +138,8 @@ def run_trace(ctx: Context) -> Tuple[Trace, Trace]:
         rt.remove()
         rp.remove()
     fwd = _compare_layers(ctx, "forward", rt.order, rp.outputs, rt.outputs)
+    if not backward:  # eval mode changed nothing: no reset needed
+        return fwd, None
     # backward, train
     disable_dropout(tm)
     disable_dropout(pm)

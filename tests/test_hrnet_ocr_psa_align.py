@@ -4,7 +4,7 @@ for 10 iterations on synthetic Cityscapes.
 
 CI budget: the default alignment (2x3x96x96, PSA(p), MscaleOCR) costs ~5 minutes with every step, 3 iterations and
 the trace; here the clean run does forward, loss, schedule and 2 lockstep backward iterations without the trace, the
-variants forward and loss, the bug tests forward with the trace at 2x3x64x64.
+variants forward and loss, the bug tests forward with the (forward) trace at 1x3x64x64.
 """
 from __future__ import annotations
 
@@ -94,8 +94,9 @@ def test_shipped_recipe_trains_ten_iterations(tmp_path, config):
 
 
 # ------------------------------------------------------------------------------------- the bugs, one at a time
-# Each bug is injected into the PADDLE twin only. Forward-only runs of plain OCRNet at 2x3x64x64 (eval mode, where
-# the small size is harmless) keep them cheap; the n-scale bug needs MscaleOCR with evaluation scales.
+# Each bug is injected into the PADDLE twin only. Forward-only runs of plain OCRNet at 1x3x64x64 (eval mode, where
+# the small size and the single image are harmless: no bug here acts across the batch, and a forward-only run at N=1
+# traces the forward alone) keep them cheap; the n-scale bug needs MscaleOCR with evaluation scales.
 import importlib  # noqa: E402
 
 phr = importlib.import_module("paddle_impl.backbones.hrnet")
@@ -106,7 +107,7 @@ SMALL = {"mscale": False}
 
 def _run(tmp_path, cfg, steps=("forward",), weights=None):
     return alignment.run("hrnet_ocr_psa", out=str(tmp_path), steps=steps, iters=1, threads=2, progress=False,
-                         input_size="2,3,64,64", model_cfg=None if weights else cfg, weights=weights)
+                         input_size="1,3,64,64", model_cfg=None if weights else cfg, weights=weights)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def plain_p(tmp_path_factory):
     weights are kept and reused by the bug runs (no rebuilding and calibrating per bug)."""
     out = tmp_path_factory.mktemp("plain_p")
     v = alignment.run("hrnet_ocr_psa", out=str(out), steps=("forward",), iters=1, threads=2, progress=False,
-                      input_size="2,3,64,64", model_cfg={"psa": "p", "mscale": False}, keep_weights=True)
+                      input_size="1,3,64,64", model_cfg={"psa": "p", "mscale": False}, keep_weights=True)
     assert v["passed"] and v["trace"]["first_divergent_forward"] is None, v["trace"]
     yield str(out / "hrnet_ocr_psa" / "weights" / "hrnet_ocr_psa_random_official.pth")
     shrink_artifacts(out)

@@ -12,6 +12,7 @@ import paddle_impl
 import paddle_impl.models.psanet as ppsanet
 import torch_ref
 from paddle_impl.ops.psa_mask import psa_mask as paddle_psa_mask
+from tests.ckpt_factory import shrink_artifacts
 from torch_ref.models.psanet import full_mask
 
 pytestmark = pytest.mark.slow
@@ -119,16 +120,31 @@ def _cat_reversed(self, x):
                                                                 align_corners=True)], 1)
 
 
+@pytest.fixture(scope="module")
+def clean_mask3(tmp_path_factory):
+    """The clean control of the bug tests (the same run, no bug: it passes, no module diverges); its random
+    semseg-format weights are kept and reused by the bug runs (no rebuilding and calibrating per bug)."""
+    out = tmp_path_factory.mktemp("clean_mask3")
+    v = alignment.run("psanet", out=str(out), input_size="1,3,33,33", threads=2, progress=False,
+                      steps=("forward",), model_cfg={"mask_size": 3}, keep_weights=True)
+    assert v["passed"] and v["trace"]["first_divergent_forward"] is None, v["trace"]
+    assert v["trace"]["layers_forward"] > 100
+    yield str(out / "psanet" / "weights" / "psanet_random_official.pth")
+    shrink_artifacts(out)
+
+
 @pytest.mark.parametrize("bug", ["swapped", "minus_inf", "cat_reversed"])
-def test_injected_psa_bug_is_caught_and_named(tmp_path, monkeypatch, bug):
+def test_injected_psa_bug_is_caught_and_named(tmp_path, monkeypatch, bug, clean_mask3):
     if bug == "swapped":
         monkeypatch.setattr(ppsanet, "psa_mask", _swapped)
     elif bug == "minus_inf":
         monkeypatch.setattr(ppsanet, "psa_mask", _minus_inf)
     else:
         monkeypatch.setattr(ppsanet.PSA, "forward", _cat_reversed)
-    v = alignment.run("psanet", out=str(tmp_path), input_size="2,3,33,33", threads=2, progress=False,
-                      steps=("forward", "loss"), model_cfg={"mask_size": 3})
+    # forward only, one image (the bugs act within an image; the forward trace names the module)
+    v = alignment.run("psanet", out=str(tmp_path), input_size="1,3,33,33", threads=2, progress=False,
+                      steps=("forward",), weights=clean_mask3)
+    assert v["provenance"]["model_cfg"]["mask_size"] == 3
     assert not v["steps"]["forward"]["passed"]
     first = v["steps"]["forward"]["first_divergent"]
     assert first is not None and first.startswith("psa"), first

@@ -107,6 +107,42 @@ def test_unknown_model_is_one_line_exit_2(capsys):
     assert "unknown model 'nosuchnet'" in err and "pspnet" in err and "Traceback" not in err
 
 
+def test_batch_of_one_runs_the_eval_steps_with_the_forward_trace(toy, tmp_path, monkeypatch):
+    """N=1 is accepted when no step trains: forward, schedule and metric run, the forward trace too; the backward
+    trace (training-mode BatchNorm) is left out and the report says so. A forward bug still fails at N=1."""
+    v = alignment.run("toy", out=str(tmp_path / "a"), input_size="1,3,16,16", threads=1, progress=False,
+                      steps=("forward", "schedule", "metric"))
+    assert v["passed"] and set(v["steps"]) == {"forward", "schedule", "metric"}, v["steps"]
+    assert v["provenance"]["input_shape"] == [1, 3, 16, 16]
+    assert v["trace"]["layers_forward"] > 0 and v["trace"]["layers_backward"] == 0
+    d = tmp_path / "a" / "toy"
+    assert (d / "trace_forward.csv").is_file() and not (d / "trace_backward.csv").exists()
+    assert "first divergent module (backward trace): **not run**" in (d / "report.md").read_text()
+    from tests.toy import paddle_toy
+
+    def forward(self, x):
+        x = self.stem(x) * 1.001  # BUG: the stem's output scaled
+        return paddle_toy.L.interpolate(self.cls(self.down(x)), paddle_toy.L.spatial_size(x), align_corners=False)
+
+    monkeypatch.setattr(paddle_toy.ToyNet, "forward", forward)
+    v = alignment.run("toy", out=str(tmp_path / "b"), input_size="1,3,16,16", threads=1, progress=False,
+                      steps=("forward",))
+    assert not v["steps"]["forward"]["passed"] and v["trace"]["first_divergent_forward"] == "down.0"
+
+
+@pytest.mark.parametrize("steps,named", [("forward,loss,schedule,backward,metric", "loss and backward"),
+                                         ("forward,loss", "loss"), ("backward", "backward")])
+def test_batch_of_one_is_refused_where_a_step_trains(toy, tmp_path, capsys, steps, named):
+    assert segtwin(["align", "toy", "--input-size", "1,3,16,16", "--steps", steps, "--out", str(tmp_path)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "OMP_NUM_THREADS" not in ln]
+    assert len(err) == 1 and f"N must be >= 2 for the {named} step(s)" in err[0] and "got N=1" in err[0], err
+    assert not (tmp_path / "toy").exists()  # refused before anything is built or written
+    from alignment.runner import AlignmentSetupError
+
+    with pytest.raises(AlignmentSetupError, match="N must be >= 2"):
+        alignment.run("toy", out=str(tmp_path), input_size="1,3,16,16", progress=False, steps=steps.split(","))
+
+
 # ------------------------------------------------------------------------------------------------ shipped specs
 @pytest.mark.parametrize("name", specs.model_names())
 def test_shipped_spec_agrees_with_its_twins(name):
