@@ -88,10 +88,18 @@ def test_psanet_aligns_forward_loss_backward(tmp_path, cfg, size):
 
 
 def test_seed_mask_on_a_map_it_does_not_cover(tmp_path):
-    """The seed's 59x59 mask on its shrunken grid. Its 1024x512 crops give 32x64 there; the semseg twin needs odd
-    sizes, so 513x1025 -> feature 65x129 -> shrunken 33x65, the nearest valid grid. Full coverage would need a 65x129
-    window, so the 59x59 mask covers neither direction -- as on the seed's grid (which would need 63x127)."""
-    v = alignment.run("psanet", out=str(tmp_path), input_size="2,3,513,1025", steps=("forward",), threads=2,
+    """The seed's 59x59 mask on a shrunken grid it does not cover. The seed's 1024x512 crops give 32x64 there (full
+    coverage would need 63x127). The semseg twin needs odd feature sizes; the smallest non-square input whose grid the
+    mask covers in neither direction is 481x513 -> feature 61x65 -> shrunken 31x33, where full coverage needs a 61x65
+    window (one image: the forward step alone, in eval mode). The op's own tests cover grids wider than the mask."""
+    h, w = 481, 513
+    feat = [(s - 1) // 8 + 1 for s in (h, w)]
+    shrunk = [(f - 1) // 2 + 1 for f in feat]
+    assert all(f % 2 for f in feat) and shrunk == [31, 33]  # odd: the shrink and its way back restore the size
+    assert [full_mask(h), full_mask(w)] == [2 * s - 1 for s in shrunk] == [61, 65]
+    assert min(full_mask(h), full_mask(w)) > 59  # full coverage needs 2*s-1 > 59 in both directions: not covered
+    assert full_mask(h - 16) == 59  # the next smaller valid height (feature 59, shrunken 30) would be covered
+    v = alignment.run("psanet", out=str(tmp_path), input_size=f"1,3,{h},{w}", steps=("forward",), threads=2,
                       progress=False, trace=False, model_cfg={"mask_size": 59})
     assert v["passed"], v["steps"]["forward"]["worst"]
 
