@@ -247,7 +247,8 @@ def test_injected_attention_bug_is_caught_and_named(tmp_path, monkeypatch, bug, 
         monkeypatch.setattr(pdanet.CAM, "forward", _cam_without_rowmax)
     else:
         monkeypatch.setattr(pcheckpoint, "strict_load", _load_without_gamma)
-    v = alignment.run("danet", out=str(tmp_path), input_size="2,3,33,33", threads=2, progress=False,
-                      steps=("forward", "loss"), model_cfg={"layers": 50})
+    # forward only, one image (each bug acts within an image; the forward trace names the module)
+    v = alignment.run("danet", out=str(tmp_path), input_size="1,3,33,33", threads=2, progress=False,
+                      steps=("forward",), model_cfg={"layers": 50})
     assert not v["passed"] and not v["steps"]["forward"]["passed"]
     assert v["trace"]["first_divergent_forward"].startswith(module), v["trace"]

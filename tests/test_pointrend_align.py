@@ -203,7 +203,7 @@ def test_catches_batchnorm_instead_of_frozen_bn(tmp_path, monkeypatch):
 def test_catches_group_norm_with_16_groups(tmp_path, monkeypatch):
     group_norm = players.GroupNorm
     monkeypatch.setattr(players, "GroupNorm", lambda g, c, eps=1e-5: group_norm(16, c, eps))  # BUG: 32 groups
-    v = _run(tmp_path, ("forward",))
+    v = _run(tmp_path, ("forward",), input_size="1,3,64,128")  # one image: forward only, eval mode
     assert "coarse" in _failed(v, "forward")
     assert v["trace"]["first_divergent_forward"] == "sem_seg_head.coarse_sem_seg_head.p2.0.norm"
 
@@ -212,7 +212,7 @@ def test_catches_stride_on_the_3x3(tmp_path, monkeypatch):
     init = pd2.ResNet.__init__
     monkeypatch.setattr(pd2.ResNet, "__init__", lambda self, depth=101, stride_in_1x1=True:
                         init(self, depth, False))  # BUG: torchvision's placement, not MSRA's
-    v = _run(tmp_path, ("forward",))
+    v = _run(tmp_path, ("forward",), input_size="1,3,64,128")  # one image: forward only, eval mode
     assert "coarse" in _failed(v, "forward")
     assert v["trace"]["first_divergent_forward"].startswith("backbone.bottom_up.res3.0.conv1")
 
