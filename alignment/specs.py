@@ -55,6 +55,8 @@ class ModelSpec:
         config's `model:` section does not set the key (`engine._cli.inference_options`): implementation choices
         proven equal to the official path that need less memory. Training and `segtwin align` build the config as
         written (the model's own defaults).
+    inference_unless: {key: (model options, reason)}: the inference default of `key` does not apply to a config
+        whose `model:` section has all those values (PSANet's compact mode has no PSA mask to fuse).
     input_rule: the official code's input-size rule in words (enforced by the model's `check_input`).
     align_input / align_cfg: the default `segtwin align` input (N, C, H, W) and model cfg.
     partial_aliases: `--partial NAME` -> twin key prefixes (e.g. "backbone"). source_flavours: names of foreign
@@ -102,6 +104,7 @@ class ModelSpec:
     official_loss: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     init_keeps: Tuple[Tuple[str, str], ...] = ()
     inference_cfg: Mapping[str, Any] = field(default_factory=dict)
+    inference_unless: Mapping[str, Tuple[Mapping[str, Any], str]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------------------------ twins
     def module(self, framework: str):
@@ -250,6 +253,9 @@ SPECS: Dict[str, ModelSpec] = {
         recipe="paddle_impl/configs/psanet_r50_cityscapes_1024x512_80k.yml",
         # fused PSA aggregation (ops/psa_attend.py): no (N, HW, HW) map; equal to the reference to 2.4e-15 (float64)
         inference_cfg={"psa_impl": "fused"},
+        # compact mode attends with the logits themselves (no PSA mask): the fused kernel has nothing to replace
+        inference_unless={"psa_impl": ({"compact": True}, "compact mode has no PSA mask to fuse; the reference "
+                                                          "path")},
     ),
     "danet": ModelSpec(
         name="danet", title="DANet-R101", upstream="junfu1115/DANet encoding/models/sseg/danet.py",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +79,14 @@ def test_inference_options_rule(tmp_path, cs_root):
     assert got == {"psa_impl": "fused"}
     got, _ = opts(DAN, "model.pam_impl=reference")
     assert got == {"pam_impl": "reference"}
+    # compact mode has no PSA mask: no fused default, the reason is given, and nothing is passed to the builder
+    got, full = opts(PSA, "model.compact=true")
+    assert got == {"psa_impl": None} and "compact mode has no PSA mask" in full["psa_impl"][1]
+    assert _cli.chosen_values(full) == {}
+    got, _ = opts(PSA, "model.compact=true", "model.psa_impl=tensor")  # the user's own choice is still kept
+    assert got == {"psa_impl": "tensor"}
+    got, _ = opts(PSA, "model.compact=false")
+    assert got == {"psa_impl": "fused"}
     # a model without an attention choice gets nothing
     got, _ = opts("{type: pspnet, num_classes: 19, layers: 50}")
     assert got == {}
@@ -115,6 +122,28 @@ def test_inference_builder_takes_fused_psa_unless_set(tmp_path, cs_root, capsys)
                           "--no-progress"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("segtwin eval: error: PSA psa_impl must be one of")
+
+
+@pytest.mark.slow  # builds and exports one PSANet (~6 s)
+def test_compact_psanet_gets_no_fused_default_and_exports_no_custom_op(tmp_path, cs_root, capsys):
+    """Compact mode attends with the logits themselves: the inference builder leaves psa_impl to the model (no
+    'fused runs the reference path' warning), says so in its line, and the exported graph holds no custom op."""
+    import warnings
+
+    from paddle_impl.engine import export as export_cli
+
+    cfg_path = _write_cfg(tmp_path / "c.yml", cs_root, PSA[:-1] + ", compact: true}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model = _cli.build_model(load_config(cfg_path), None)
+    assert model.psa.compact and model.psa.psa_impl == "auto"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "segtwin: psanet inference uses psa_impl as the model builds it (no inference default: compact mode has no "
+        "PSA mask to fuse; the reference path)"]
+    prefix = str(tmp_path / "exp" / "compact")
+    assert export_cli.main(["--config", str(cfg_path), "--out", prefix, "--input-size", f"1,3,{SIZE},{SIZE}"]) == 0
+    deploy = json.loads(Path(prefix + ".deploy.json").read_text())
+    assert deploy["custom_ops"] == [] and deploy["model_options"] == {}
 
 
 @pytest.mark.slow  # builds two trainers (~5 s)
@@ -164,23 +193,13 @@ def test_eval_runs_efficient_pam_by_default(tmp_path, cs_root, capsys, monkeypat
 # PSANet: export holds the fused op, segtwin infer runs it
 
 
-def _program_ops(prefix: str) -> Counter:
-    """Op types of the saved inference program (the custom ops must be registered: load_op ran before)."""
-    paddle.enable_static()
-    try:
-        exe = paddle.static.Executor(paddle.CPUPlace())
-        program, _, _ = paddle.static.load_inference_model(prefix, exe)
-        return Counter(op.name() for op in program.global_block().ops)
-    finally:
-        paddle.disable_static()
-
-
 @pytest.mark.slow
 def test_psanet_export_has_the_fused_op_and_infer_matches_dynamic(tmp_path, cs_root, capsys):
     ref.require_op("paddle")
     import paddle_impl
     from paddle_impl.engine import export as export_cli
     from paddle_impl.engine import predict as predict_cli
+    from paddle_impl.engine.exporter import program_op_types
     from paddle_impl.engine.infer import ExportedModel
 
     cfg_path = _write_cfg(tmp_path / "p.yml", cs_root, PSA)
@@ -193,8 +212,8 @@ def test_psanet_export_has_the_fused_op_and_infer_matches_dynamic(tmp_path, cs_r
                             "--input-size", f"1,3,{SIZE},{SIZE}"]) == 0
     assert "psa_impl=fused (inference default" in capsys.readouterr().err
     deploy = json.loads(Path(prefix + ".deploy.json").read_text())
-    assert deploy["custom_ops"] is True and deploy["model_options"] == {"psa_impl": "fused"}
-    ops = _program_ops(prefix)
+    assert deploy["custom_ops"] == ["psa_attend"] and deploy["model_options"] == {"psa_impl": "fused"}
+    ops = program_op_types(prefix)  # the ops are registered: this process ran them
     # both PSA branches (collect, distribute) are the fused op; no PSA mask op, no (HW x HW) bmm left
     assert ops["custom_op.psa_attend"] == 2, ops
     assert ops["custom_op.psa_mask"] == 0 and ops["pd_op.bmm"] == 0, ops
@@ -242,7 +261,7 @@ def test_infer_without_the_custom_ops_is_one_error(tmp_path, monkeypatch, capsys
     prefix = tmp_path / "psa"
     (tmp_path / "psa.json").write_text("{}")
     (tmp_path / "psa.pdiparams").write_bytes(b"")
-    (tmp_path / "psa.deploy.json").write_text(json.dumps({"model_type": "psanet", "custom_ops": True,
+    (tmp_path / "psa.deploy.json").write_text(json.dumps({"model_type": "psanet", "custom_ops": ["psa_attend"],
                                                           "input_shape": [1, 3, 33, 33]}))
 
     def unavailable():

@@ -108,11 +108,16 @@ def inference_options(cfg) -> Dict[str, Tuple[Any, str]]:
     keys of the model spec's ``inference_cfg`` (PSANet ``psa_impl: fused``, DANet ``pam_impl: efficient``). The rule:
     a key present in the config's ``model`` section after ``--opts`` (the YAML file, or ``--opts model.KEY=VALUE``)
     is the user's choice and is kept; an absent key (never written, or removed with ``--opts model.KEY=null``)
-    takes the spec's inference value. ``segtwin train`` does not call this: it builds the recipe as written."""
+    takes the spec's inference value, unless the spec's ``inference_unless`` says it does not apply to this model
+    section: then the value is None (the model's own default is built). ``segtwin train`` does not call this: it
+    builds the recipe as written."""
     model = cfg.raw["model"]
     out: Dict[str, Tuple[Any, str]] = {}
     for key, value in cfg.spec.inference_cfg.items():
-        if key not in model:
+        when, reason = cfg.spec.inference_unless.get(key, (None, ""))
+        if key not in model and when and all(model.get(k) == v for k, v in when.items()):
+            out[key] = (None, f"no inference default: {reason}")
+        elif key not in model:
             out[key] = (value, f"inference default; the config does not set model.{key}")
         elif f"model.{key}" in cfg.overrides:
             out[key] = (model[key], f"--opts model.{key}")
@@ -121,14 +126,20 @@ def inference_options(cfg) -> Dict[str, Tuple[Any, str]]:
     return out
 
 
+def chosen_values(chosen: Dict[str, Tuple[Any, str]]) -> Dict[str, Any]:
+    """The options ``inference_options`` sets ({key: value}), without the keys it leaves to the model."""
+    return {k: v for k, (v, _) in chosen.items() if v is not None}
+
+
 def build_model(cfg, weights: Optional[str]):
     """The config's model for inference (``segtwin eval``, ``predict``, ``export``): ``inference_options`` on top of
     the config, then ``weights``, in eval mode. Prints one line (stderr) naming the attention path it took."""
     chosen = inference_options(cfg)
-    model = cfg.build_model(defaults={k: v for k, (v, _) in chosen.items()})
+    model = cfg.build_model(defaults=chosen_values(chosen))
     if chosen:
         print(f"segtwin: {cfg.model_type} inference uses "
-              + "; ".join(f"{k}={v} ({why})" for k, (v, why) in chosen.items()), file=sys.stderr)
+              + "; ".join(f"{k}={v} ({why})" if v is not None else f"{k} as the model builds it ({why})"
+                          for k, (v, why) in chosen.items()), file=sys.stderr)
     if weights:
         load_weights(model, weights)
     model.eval()

@@ -3,7 +3,8 @@
     python -m paddle_impl.engine.export --config CFG --weights W --out out/pspnet [--input-size 1,3,513,513]
 
 Writes PREFIX.json (Paddle 3; .pdmodel with older Paddle) + PREFIX.pdiparams + PREFIX.deploy.json (input shape,
-normalisation, palette, class count, whether the graph needs the custom-op library, the attention options the
+normalisation, palette, class count, the custom ops the saved graph holds (read back from it: ``[]``, or e.g.
+``["psa_attend"]``; ``segtwin infer`` loads the op library when the list is not empty), the attention options the
 model was traced with: what ``segtwin infer`` needs). The model is built as ``segtwin eval`` builds it
 (``_cli.build_model``): PSANet's fused PSA aggregation (the ``psa_attend`` custom op in the graph) and DANet's
 efficient PAM unless the config sets ``model.psa_impl`` / ``model.pam_impl``.
@@ -38,18 +39,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         from alignment.utils import parse_size
 
-        from .exporter import export
+        from .exporter import custom_ops_in, export, program_op_types
 
         shape = parse_size(args.input_size, "--input-size", "NCHW")
         cfg = _cli.load_cfg(args.config, opts=args.opts)
         model = _cli.build_model(cfg, args.weights)
         files = export(model, args.out, shape)
+        # from the saved graph, not the model's spec: PSANet's compact mode, for one, holds no PSA op
+        custom_ops = custom_ops_in(program_op_types(args.out))
         mean, std, to_bgr = _cli.normalize_from_config(cfg)
         deploy = {"model_type": cfg.model_type, "num_classes": cfg.num_classes, "input_shape": list(shape),
                   "normalize": {"mean": list(mean), "std": list(std), "to_bgr": to_bgr},
                   "palette": _cli.palette_name(_cli.dataset_type(cfg)),
-                  "custom_ops": bool(cfg.spec.custom_ops), "model": files["model"], "params": files["params"],
-                  "model_options": {k: v for k, (v, _) in _cli.inference_options(cfg).items()}}
+                  "custom_ops": custom_ops, "model": files["model"], "params": files["params"],
+                  "model_options": _cli.chosen_values(_cli.inference_options(cfg))}
         with open(args.out + ".deploy.json", "w") as f:
             json.dump(deploy, f, indent=1)
         print(f"exported {files['model']} + {files['params']} (input {'x'.join(map(str, shape))})")

@@ -17,11 +17,15 @@ runs on a CPU predictor.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["export", "infer", "model_files", "create_predictor"]
+__all__ = ["export", "infer", "model_files", "create_predictor", "program_op_types", "custom_ops_in"]
+
+#: The prefix Paddle gives the ops of a custom-op library in a saved program (``custom_op.psa_attend``).
+CUSTOM_OP_PREFIX = "custom_op."
 
 
 def model_files(prefix) -> Tuple[str, str]:
@@ -61,6 +65,28 @@ def export(model, out_prefix, input_shape: Sequence[int], *, check: bool = True)
     paddle.jit.save(static, out_prefix)
     graph, params = model_files(out_prefix)
     return {"model": graph, "params": params, "input_shape": shape}
+
+
+def program_op_types(model_prefix) -> Counter:
+    """{op type: count} of an exported model's program, read back with ``paddle.static.load_inference_model`` (the
+    custom ops it holds must be registered in this process: ``segtwin export`` has just run them)."""
+    import paddle
+
+    was_dynamic = paddle.in_dynamic_mode()
+    paddle.enable_static()
+    try:
+        program, _, _ = paddle.static.load_inference_model(os.fspath(model_prefix),
+                                                           paddle.static.Executor(paddle.CPUPlace()))
+        return Counter(op.name() for op in program.global_block().ops)
+    finally:
+        if was_dynamic:
+            paddle.disable_static()
+
+
+def custom_ops_in(op_types) -> list:
+    """The segtwin custom ops (``psa_mask``, ``psa_attend``) among ``program_op_types``, sorted by name."""
+    return sorted(name[len(CUSTOM_OP_PREFIX):] for name, n in op_types.items()
+                  if n and name.startswith(CUSTOM_OP_PREFIX))
 
 
 def create_predictor(model_prefix, *, use_gpu: bool = False, threads: Optional[int] = None,
