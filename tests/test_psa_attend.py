@@ -205,6 +205,17 @@ def test_compiled_ops_reject_bad_input_directly():
         op(torch.zeros(1, 2, 3, 3), torch.zeros(1, 9, 3, 4), 0, 3, 3)
     with pytest.raises(Exception, match=r"logits have 9 channels but the mask \(2, 2\)"):
         load_op().psa_attend(paddle.zeros([1, 2, 3, 3]), paddle.zeros([1, 9, 3, 3]), 0, 2, 2)
+    # the backward checks its own operands: grad and out must match feat in shape, dtype and device
+    bwd = torch.ops.segtwin.psa_attend_backward
+    x, lg = torch.zeros(1, 2, 3, 3), torch.zeros(1, 9, 3, 3)
+    with pytest.raises(RuntimeError, match=r"psa_attend_backward: grad and out must have feat's shape"):
+        bwd(torch.zeros(1, 2, 3, 4), x, lg, x, 0, 3, 3)
+    with pytest.raises(RuntimeError, match=r"psa_attend_backward: grad and out must have feat's dtype"):
+        bwd(x, x, lg, x.double(), 0, 3, 3)
+    with pytest.raises(RuntimeError, match=r"psa_attend_backward: .*mask size must be in"):
+        bwd(x, x, lg, x, 0, 0, 3)
+    gx, gl = bwd(torch.zeros(1, 0, 3, 3), torch.zeros(1, 0, 3, 3), lg, torch.zeros(1, 0, 3, 3), 0, 3, 3)
+    assert gx.shape == (1, 0, 3, 3) and gl.shape == lg.shape and not gl.any()  # no features: zero logit gradient
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)

@@ -51,6 +51,37 @@ psa::AttendGeom check_attend(const char* op, const at::Tensor& feat, const at::T
   return psa::make_attend_geom(n, c, h, w, mask_h, mask_w);
 }
 
+// The operands of a backward call, checked and made contiguous, and its two results allocated. `trivial`: the
+// results are already final (an empty batch or map; no feature channels, where nothing flows back to the logits and
+// grad_x is empty), no kernel runs.
+struct BackwardCall {
+  psa::AttendGeom g;
+  at::Tensor x, l, gy, y, gx, gl;
+  bool trivial;
+};
+
+BackwardCall prepare_backward(const at::Tensor& grad, const at::Tensor& feat, const at::Tensor& logits,
+                              const at::Tensor& out, int64_t psa_type, int64_t mask_h, int64_t mask_w, bool cuda) {
+  const char* op = "segtwin::psa_attend_backward";
+  BackwardCall b{check_attend(op, feat, logits, psa_type, mask_h, mask_w, cuda)};
+  TORCH_CHECK(grad.sizes() == feat.sizes() && out.sizes() == feat.sizes(), op,
+              ": grad and out must have feat's shape ", feat.sizes(), ", got ", grad.sizes(), " and ", out.sizes());
+  TORCH_CHECK(grad.scalar_type() == feat.scalar_type() && out.scalar_type() == feat.scalar_type(), op,
+              ": grad and out must have feat's dtype");
+  TORCH_CHECK(grad.device() == feat.device() && out.device() == feat.device(), op,
+              ": grad and out must be on feat's device ", feat.device(), ", got ", grad.device(), " and ",
+              out.device());
+  b.x = feat.contiguous();
+  b.l = logits.contiguous();
+  b.gy = grad.contiguous();
+  b.y = out.contiguous();
+  b.gx = at::empty(b.x.sizes(), b.x.options().memory_format(at::MemoryFormat::Contiguous));
+  b.gl = at::empty(b.l.sizes(), b.l.options().memory_format(at::MemoryFormat::Contiguous));
+  b.trivial = b.g.n == 0 || b.g.hw == 0 || b.g.c == 0;
+  if (b.g.c == 0) b.gl.zero_();
+  return b;
+}
+
 template <typename T>
 psa::Gemm<T> torch_gemm(const at::TensorOptions& opts) {
   return [opts](bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
@@ -81,28 +112,16 @@ at::Tensor psa_attend_cpu(const at::Tensor& feat, const at::Tensor& logits, int6
 std::tuple<at::Tensor, at::Tensor> psa_attend_backward_cpu(const at::Tensor& grad, const at::Tensor& feat,
                                                            const at::Tensor& logits, const at::Tensor& out,
                                                            int64_t psa_type, int64_t mask_h, int64_t mask_w) {
-  const psa::AttendGeom g = check_attend("segtwin::psa_attend_backward", feat, logits, psa_type, mask_h, mask_w);
-  TORCH_CHECK(grad.sizes() == feat.sizes() && out.sizes() == feat.sizes(),
-              "segtwin::psa_attend_backward: grad and out must have feat's shape ", feat.sizes(), ", got ",
-              grad.sizes(), " and ", out.sizes());
-  TORCH_CHECK(grad.scalar_type() == feat.scalar_type() && out.scalar_type() == feat.scalar_type(),
-              "segtwin::psa_attend_backward: grad and out must have feat's dtype");
-  const at::Tensor x = feat.contiguous(), l = logits.contiguous(), gy = grad.contiguous(), y = out.contiguous();
-  at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor gl = at::empty(l.sizes(), l.options().memory_format(at::MemoryFormat::Contiguous));
-  if (g.n == 0 || g.hw == 0) return {gx, gl};
-  if (g.c == 0) {  // no features: nothing flows back to the logits (grad_x is empty)
-    gl.zero_();
-    return {gx, gl};
-  }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "psa_attend_backward", [&] {
-    psa::psa_attend_backward_cpu<scalar_t>(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                           l.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-                                           gx.mutable_data_ptr<scalar_t>(), gl.mutable_data_ptr<scalar_t>(), g,
-                                           static_cast<int>(psa_type), torch_gemm<scalar_t>(x.options()),
+  BackwardCall b = prepare_backward(grad, feat, logits, out, psa_type, mask_h, mask_w, false);
+  if (b.trivial) return {b.gx, b.gl};
+  AT_DISPATCH_FLOATING_TYPES(b.x.scalar_type(), "psa_attend_backward", [&] {
+    psa::psa_attend_backward_cpu<scalar_t>(b.gy.const_data_ptr<scalar_t>(), b.x.const_data_ptr<scalar_t>(),
+                                           b.l.const_data_ptr<scalar_t>(), b.y.const_data_ptr<scalar_t>(),
+                                           b.gx.mutable_data_ptr<scalar_t>(), b.gl.mutable_data_ptr<scalar_t>(),
+                                           b.g, static_cast<int>(psa_type), torch_gemm<scalar_t>(b.x.options()),
                                            at::get_num_threads());
   });
-  return {gx, gl};
+  return {b.gx, b.gl};
 }
 
 #ifdef SEGTWIN_WITH_CUDA
@@ -113,6 +132,10 @@ at::Tensor cuda_workspace(const at::Tensor& like, const psa::AttendGeom& g, bool
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
 
+cudaStream_t current_stream(int device) {
+  return c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
+}
+
 at::Tensor psa_attend_cuda(const at::Tensor& feat, const at::Tensor& logits, int64_t psa_type, int64_t mask_h,
                            int64_t mask_w) {
   const psa::AttendGeom g = check_attend("segtwin::psa_attend", feat, logits, psa_type, mask_h, mask_w, true);
@@ -120,14 +143,13 @@ at::Tensor psa_attend_cuda(const at::Tensor& feat, const at::Tensor& logits, int
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
   const int device = static_cast<int>(x.get_device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
   at::Tensor ws = cuda_workspace(x, g, false);
   const char* err = nullptr;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "psa_attend_cuda", [&] {
     err = psa::psa_attend_forward_cuda(x.const_data_ptr<scalar_t>(), l.const_data_ptr<scalar_t>(),
                                        out.mutable_data_ptr<scalar_t>(), g, static_cast<int>(psa_type),
                                        torch_gemm<scalar_t>(x.options()), ws.mutable_data_ptr(),
-                                       static_cast<size_t>(ws.numel()), stream, device);
+                                       static_cast<size_t>(ws.numel()), current_stream(device), device);
   });
   TORCH_CHECK(err == nullptr, "segtwin::psa_attend: CUDA launch failed: ", err);
   return out;
@@ -136,37 +158,21 @@ at::Tensor psa_attend_cuda(const at::Tensor& feat, const at::Tensor& logits, int
 std::tuple<at::Tensor, at::Tensor> psa_attend_backward_cuda(const at::Tensor& grad, const at::Tensor& feat,
                                                             const at::Tensor& logits, const at::Tensor& out,
                                                             int64_t psa_type, int64_t mask_h, int64_t mask_w) {
-  const psa::AttendGeom g =
-      check_attend("segtwin::psa_attend_backward", feat, logits, psa_type, mask_h, mask_w, true);
-  TORCH_CHECK(grad.sizes() == feat.sizes() && out.sizes() == feat.sizes(),
-              "segtwin::psa_attend_backward: grad and out must have feat's shape ", feat.sizes(), ", got ",
-              grad.sizes(), " and ", out.sizes());
-  TORCH_CHECK(grad.scalar_type() == feat.scalar_type() && out.scalar_type() == feat.scalar_type(),
-              "segtwin::psa_attend_backward: grad and out must have feat's dtype");
-  TORCH_CHECK(grad.device() == feat.device() && out.device() == feat.device(),
-              "segtwin::psa_attend_backward: grad and out must be on feat's device ", feat.device(), ", got ",
-              grad.device(), " and ", out.device());
-  const at::Tensor x = feat.contiguous(), l = logits.contiguous(), gy = grad.contiguous(), y = out.contiguous();
-  at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor gl = at::empty(l.sizes(), l.options().memory_format(at::MemoryFormat::Contiguous));
-  if (g.n == 0 || g.hw == 0) return {gx, gl};
-  if (g.c == 0) {  // no features: nothing flows back to the logits (grad_x is empty)
-    gl.zero_();
-    return {gx, gl};
-  }
-  const int device = static_cast<int>(x.get_device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
-  at::Tensor ws = cuda_workspace(x, g, true);
+  BackwardCall b = prepare_backward(grad, feat, logits, out, psa_type, mask_h, mask_w, true);
+  if (b.trivial) return {b.gx, b.gl};
+  const int device = static_cast<int>(b.x.get_device());
+  at::Tensor ws = cuda_workspace(b.x, b.g, true);
   const char* err = nullptr;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "psa_attend_backward_cuda", [&] {
-    err = psa::psa_attend_backward_cuda(gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                        l.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-                                        gx.mutable_data_ptr<scalar_t>(), gl.mutable_data_ptr<scalar_t>(), g,
-                                        static_cast<int>(psa_type), torch_gemm<scalar_t>(x.options()),
-                                        ws.mutable_data_ptr(), static_cast<size_t>(ws.numel()), stream, device);
+  AT_DISPATCH_FLOATING_TYPES(b.x.scalar_type(), "psa_attend_backward_cuda", [&] {
+    err = psa::psa_attend_backward_cuda(b.gy.const_data_ptr<scalar_t>(), b.x.const_data_ptr<scalar_t>(),
+                                        b.l.const_data_ptr<scalar_t>(), b.y.const_data_ptr<scalar_t>(),
+                                        b.gx.mutable_data_ptr<scalar_t>(), b.gl.mutable_data_ptr<scalar_t>(), b.g,
+                                        static_cast<int>(psa_type), torch_gemm<scalar_t>(b.x.options()),
+                                        ws.mutable_data_ptr(), static_cast<size_t>(ws.numel()),
+                                        current_stream(device), device);
   });
   TORCH_CHECK(err == nullptr, "segtwin::psa_attend_backward: CUDA launch failed: ", err);
-  return {gx, gl};
+  return {b.gx, b.gl};
 }
 #endif
 
