@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent
 INCLUDE_DIR = ROOT / "include"
 HEADERS = (INCLUDE_DIR / "psa_mask_kernel.h", INCLUDE_DIR / "psa_mask_cpu.h", INCLUDE_DIR / "psa_mask_cuda.h",
            INCLUDE_DIR / "psa_attend_kernel.h", INCLUDE_DIR / "psa_attend_cpu.h", INCLUDE_DIR / "psa_attend_cuda.h",
-           INCLUDE_DIR / "psa_attend_cuda_driver.h")
+           INCLUDE_DIR / "psa_attend_cuda_driver.h", INCLUDE_DIR / "cuda_launch.h")
 CUDA_SOURCE = ROOT / "cuda" / "psa_mask.cu"
 # The framework-free CUDA sources, compiled into the library only when building with CUDA: the PSA mask kernels and
 # the fused PSA aggregation's kernels + band driver.

@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cuda_launch.h"
 #include "psa_attend_cuda.h"
 #include "psa_attend_cuda_driver.h"
 
@@ -43,31 +44,10 @@ struct CudaExec {
   }
 };
 
-// Restores the calling thread's current device on scope exit (also when the GEMM callback throws).
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) {
-    ok_ = cudaGetDevice(&previous_) == cudaSuccess;
-    if (ok_ && previous_ != device) ok_ = cudaSetDevice(device) == cudaSuccess;
-  }
-  ~DeviceScope() {
-    if (ok_) cudaSetDevice(previous_);
-  }
-  DeviceScope(const DeviceScope&) = delete;
-  DeviceScope& operator=(const DeviceScope&) = delete;
-  bool ok() const { return ok_; }
-
- private:
-  int previous_ = 0;
-  bool ok_ = false;
-};
-
 const char* make_exec(int device, cudaStream_t stream, CudaExec* ex) {
-  int sms = 0;
-  const cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const cudaError_t err = grid_cap(device, 32, &ex->max_blocks);
   if (err != cudaSuccess) return cudaGetErrorString(err);
   ex->stream = stream;
-  ex->max_blocks = static_cast<int64_t>(sms > 0 ? sms : 1) * 32;
   return nullptr;
 }
 

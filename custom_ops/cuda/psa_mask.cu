@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "cuda_launch.h"
 #include "psa_mask_cuda.h"
 #include "psa_mask_kernel.h"
 
@@ -29,32 +30,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Restores the calling thread's current device on scope exit.
-class DeviceScope {
- public:
-  explicit DeviceScope(int device) {
-    ok_ = cudaGetDevice(&previous_) == cudaSuccess;
-    if (ok_ && previous_ != device) ok_ = cudaSetDevice(device) == cudaSuccess;
-  }
-  ~DeviceScope() {
-    if (ok_) cudaSetDevice(previous_);
-  }
-  bool ok() const { return ok_; }
-
- private:
-  int previous_ = 0;
-  bool ok_ = false;
-};
-
 template <typename T>
 cudaError_t launch(const void* src, void* dst, const PsaGeom& g, int psa_type, bool forward, int64_t total,
                    cudaStream_t stream, int device) {
-  int sms = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  int64_t cap = 0;
+  const cudaError_t err = grid_cap(device, 64, &cap);
   if (err != cudaSuccess) return err;
   const int64_t needed = (total + kThreads - 1) / kThreads;
-  // Enough blocks to fill the device many times over; the grid-stride loop covers the rest.
-  const int64_t cap = static_cast<int64_t>(sms > 0 ? sms : 1) * 64;
   const unsigned blocks = static_cast<unsigned>(needed < cap ? needed : cap);
   const T* s = static_cast<const T*>(src);
   T* d = static_cast<T*>(dst);
