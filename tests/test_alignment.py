@@ -29,8 +29,8 @@ pytestmark = pytest.mark.slow
 
 
 def _run(tmp_path, steps, iters=2, input_size=SMALL, **kw):
-    return alignment.run("pspnet", out=str(tmp_path), input_size=input_size, iters=iters, steps=steps, threads=2,
-                         progress=False, **kw)
+    return alignment.run("pspnet", out=str(tmp_path), input_size=input_size, iters=iters, steps=steps, progress=False,
+                         **kw)
 
 
 def _first_failed_step(v):
@@ -228,7 +228,7 @@ def test_align_on_synthetic_cityscapes_data(tmp_path):
 
     write_cityscapes(tmp_path / "cs", n=2, size=(40, 80))
     v = alignment.run("pspnet", out=str(tmp_path / "out"), data=str(tmp_path / "cs"), input_size=SMALL,
-                      steps=("forward", "metric"), threads=2, progress=False, trace=False)
+                      steps=("forward", "metric"), progress=False, trace=False)
     assert v["passed"], v["steps"]
     assert v["provenance"]["inputs"].startswith("cityscapes val images")
     assert v["provenance"]["num_classes"] == 19

@@ -47,7 +47,7 @@ def test_psanet_fused_against_the_other_frameworks_reference(tmp_path, monkeypat
     steps = ("forward", "loss") if fused_side == "paddle" else ("forward",)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        v = alignment.run("psanet", out=str(tmp_path), steps=steps, iters=1, threads=2, progress=False,
+        v = alignment.run("psanet", out=str(tmp_path), steps=steps, iters=1, progress=False,
                           trace=False, input_size="2,3,33,33", model_cfg={"layers": 50}, side_cfg=side_cfg)
     assert v["passed"], {s: (r["worst"] or {}).get("key") for s, r in v["steps"].items()}
     assert v["provenance"]["side_cfg"] == {s: c for s, c in side_cfg.items()}
@@ -60,7 +60,7 @@ def test_psanet_fused_against_the_other_frameworks_reference(tmp_path, monkeypat
 def test_danet_efficient_pam_against_the_other_frameworks_reference(tmp_path, monkeypatch, efficient_side):
     calls = _counting(monkeypatch, [("torch", TL, "position_attention"), ("paddle", PL, "position_attention")])
     other = "torch" if efficient_side == "paddle" else "paddle"
-    v = alignment.run("danet", out=str(tmp_path), steps=("forward", "loss"), iters=1, threads=2, progress=False,
+    v = alignment.run("danet", out=str(tmp_path), steps=("forward", "loss"), iters=1, progress=False,
                       trace=False, input_size="2,3,33,33", model_cfg={"layers": 50},
                       side_cfg={efficient_side: {"pam_impl": "efficient"}})
     assert v["passed"], {s: (r["worst"] or {}).get("key") for s, r in v["steps"].items()}

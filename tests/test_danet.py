@@ -195,7 +195,7 @@ def test_loss_ignores_255_as_the_official_minus_one():
 
 def test_danet_aligns_forward_loss_backward(tmp_path):
     # the module trace is exercised by the injected-bug tests below
-    v = alignment.run("danet", out=str(tmp_path), input_size="2,3,65,65", iters=2, threads=2, progress=False,
+    v = alignment.run("danet", out=str(tmp_path), input_size="2,3,65,65", iters=2, progress=False,
                       steps=("forward", "loss", "backward"), model_cfg={"layers": 50}, trace=False)
     assert v["passed"], {s: (r["worst"] or {}).get("key") for s, r in v["steps"].items()}
     assert v["provenance"]["recipe"]["config"].endswith("danet_r101_cityscapes.yml")  # the official recipe
@@ -206,8 +206,8 @@ def test_danet_aligns_forward_loss_backward(tmp_path):
 
 def test_danet_aligns_with_4225_pam_positions(tmp_path):
     """513x513 -> 65x65 = 4225 positions: the (4225 x 4225) PAM energy is where float32 accumulation shows."""
-    v = alignment.run("danet", out=str(tmp_path), input_size="2,3,513,513", steps=("forward",), threads=2,
-                      progress=False, trace=False, model_cfg={"layers": 50})
+    v = alignment.run("danet", out=str(tmp_path), input_size="2,3,513,513", steps=("forward",), progress=False,
+                      trace=False, model_cfg={"layers": 50})
     assert v["passed"], v["steps"]["forward"]["worst"]
 
 
@@ -248,7 +248,7 @@ def test_injected_attention_bug_is_caught_and_named(tmp_path, monkeypatch, bug, 
     else:
         monkeypatch.setattr(pcheckpoint, "strict_load", _load_without_gamma)
     # forward only, one image (each bug acts within an image; the forward trace names the module)
-    v = alignment.run("danet", out=str(tmp_path), input_size="1,3,33,33", threads=2, progress=False,
+    v = alignment.run("danet", out=str(tmp_path), input_size="1,3,33,33", progress=False,
                       steps=("forward",), model_cfg={"layers": 50})
     assert not v["passed"] and not v["steps"]["forward"]["passed"]
     assert v["trace"]["first_divergent_forward"].startswith(module), v["trace"]

@@ -325,10 +325,10 @@ def test_alignment_passes_with_the_efficient_pam(tmp_path, monkeypatch):
     # both twins must really take the efficient path (the model files call L.position_attention at run time)
     monkeypatch.setattr(TL, "position_attention", counted("torch", TL.position_attention))
     monkeypatch.setattr(PL, "position_attention", counted("paddle", PL.position_attention))
-    # 33x33 input (a 5x5 PAM map), 2 threads: the suite's budget; the layer-level equality at larger maps is in
+    # 33x33 input (a 5x5 PAM map): the suite's budget; the layer-level equality at larger maps is in
     # test_*_efficient_equals_reference_float64 above
     v = alignment.run("danet", out=str(tmp_path), steps=("forward", "loss"), model_cfg={"pam_impl": "efficient"},
-                      threads=2, progress=False, trace=False, input_size="2,3,33,33")
+                      progress=False, trace=False, input_size="2,3,33,33")
     assert v["passed"], {s: (r["worst"] or {}).get("key") for s, r in v["steps"].items()}
     assert v["provenance"]["model_cfg"]["pam_impl"] == "efficient"
     assert calls["torch"] >= 2 and calls["paddle"] >= 2  # forward and loss steps, each side

@@ -35,7 +35,7 @@ R50 = {"layers": 50}  # the bug tests run the R-50 variant: same code paths, a t
 
 def _run(tmp_path, steps, **kw):
     kw.setdefault("model_cfg", R50)
-    return alignment.run("pointrend", out=str(tmp_path), steps=steps, iters=2, threads=2, progress=False, **kw)
+    return alignment.run("pointrend", out=str(tmp_path), steps=steps, iters=2, progress=False, **kw)
 
 
 def _failed(v, step):
@@ -46,7 +46,7 @@ def _failed(v, step):
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
     out = tmp_path_factory.mktemp("clean")
-    yield alignment.run("pointrend", out=str(out), threads=2, progress=False, iters=2), out
+    yield alignment.run("pointrend", out=str(out), progress=False, iters=2), out
     shrink_artifacts(out)
 
 
@@ -76,7 +76,7 @@ def test_detectron2_pth_checkpoint_aligns_too(tmp_path):
     src = save_official("pointrend", model, tmp_path / "model_final.pth", fmt="detectron2")
     obj = torch.load(src, weights_only=True)
     assert set(obj) == {"model", "iteration"} and "backbone.bottom_up.res4.5.conv3.norm.running_var" in obj["model"]
-    v = alignment.run("pointrend", weights=str(src), out=str(tmp_path / "o"), steps=("forward", "loss"), threads=2,
+    v = alignment.run("pointrend", weights=str(src), out=str(tmp_path / "o"), steps=("forward", "loss"),
                       progress=False, iters=1)
     assert v["passed"] and v["provenance"]["model_cfg"]["layers"] == 50
 

@@ -280,3 +280,25 @@ def test_torch_out_overload_rejects_a_wrong_buffer():
     x2 = torch.randn(1, 4, 2, 2)
     with pytest.raises(RuntimeError, match="out overlaps the input"):
         op(x2, 0, 2, 2, out=x2)
+
+
+@pytest.mark.slow
+def test_cpu_loops_on_two_threads():
+    """tox runs the suite on one thread per worker, so the C++ loops' OpenMP paths (work items split over threads,
+    an uneven last share) are exercised here: the mask op's row-block and dtype tests and the fused op's float64
+    equality and many-band tests, rerun in a process whose torch, ATen and OpenMP thread counts are 2 (torch does
+    not go above the machine's 2 cores here)."""
+    import subprocess
+    import sys
+
+    tests = [f"tests/test_psa_mask.py::{t}" for t in ("test_row_blocks_forward_backward",
+                                                      "test_dtypes_forward_backward", "test_torch_paddle_parity")]
+    tests += [f"tests/test_psa_attend.py::{t}" for t in ("test_fused_equals_reference_float64",
+                                                         "test_fused_many_bands")]
+    code = ("import sys, torch, pytest; n = torch.get_num_threads(); "
+            "assert n == 2, f'torch runs {n} threads, not the 2 of OMP_NUM_THREADS'; "
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-p', 'no:xdist', *{tests!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ref.REPO_ROOT, capture_output=True, text=True,
+                          timeout=900, env=ref.subprocess_env(OMP_NUM_THREADS="2"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]

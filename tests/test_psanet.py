@@ -78,7 +78,7 @@ def test_psanet_aligns_forward_loss_backward(tmp_path, cfg, size):
     # variants (the op's gradient is what differs between them; the suite's time budget); the module trace is
     # exercised by the injected-bug tests below, which assert the module it names
     iters = 2 if cfg == {"psa_type": 2} else 1
-    v = alignment.run("psanet", out=str(tmp_path), input_size=size, iters=iters, threads=2, progress=False,
+    v = alignment.run("psanet", out=str(tmp_path), input_size=size, iters=iters, progress=False,
                       steps=("forward", "loss", "backward"), model_cfg=cfg, trace=False)
     assert v["passed"], {s: (r["worst"] or {}).get("key") for s, r in v["steps"].items()}
     # the gradients that flow through the op were compared
@@ -99,8 +99,8 @@ def test_seed_mask_on_a_map_it_does_not_cover(tmp_path):
     assert [full_mask(h), full_mask(w)] == [2 * s - 1 for s in shrunk] == [61, 65]
     assert min(full_mask(h), full_mask(w)) > 59  # full coverage needs 2*s-1 > 59 in both directions: not covered
     assert full_mask(h - 16) == 59  # the next smaller valid height (feature 59, shrunken 30) would be covered
-    v = alignment.run("psanet", out=str(tmp_path), input_size=f"1,3,{h},{w}", steps=("forward",), threads=2,
-                      progress=False, trace=False, model_cfg={"mask_size": 59})
+    v = alignment.run("psanet", out=str(tmp_path), input_size=f"1,3,{h},{w}", steps=("forward",), progress=False,
+                      trace=False, model_cfg={"mask_size": 59})
     assert v["passed"], v["steps"]["forward"]["worst"]
 
 
@@ -133,7 +133,7 @@ def clean_mask3(tmp_path_factory):
     """The clean control of the bug tests (the same run, no bug: it passes, no module diverges); its random
     semseg-format weights are kept and reused by the bug runs (no rebuilding and calibrating per bug)."""
     out = tmp_path_factory.mktemp("clean_mask3")
-    v = alignment.run("psanet", out=str(out), input_size="1,3,33,33", threads=2, progress=False,
+    v = alignment.run("psanet", out=str(out), input_size="1,3,33,33", progress=False,
                       steps=("forward",), model_cfg={"mask_size": 3}, keep_weights=True)
     assert v["passed"] and v["trace"]["first_divergent_forward"] is None, v["trace"]
     assert v["trace"]["layers_forward"] > 100
@@ -150,7 +150,7 @@ def test_injected_psa_bug_is_caught_and_named(tmp_path, monkeypatch, bug, clean_
     else:
         monkeypatch.setattr(ppsanet.PSA, "forward", _cat_reversed)
     # forward only, one image (the bugs act within an image; the forward trace names the module)
-    v = alignment.run("psanet", out=str(tmp_path), input_size="1,3,33,33", threads=2, progress=False,
+    v = alignment.run("psanet", out=str(tmp_path), input_size="1,3,33,33", progress=False,
                       steps=("forward",), weights=clean_mask3)
     assert v["provenance"]["model_cfg"]["mask_size"] == 3
     assert not v["steps"]["forward"]["passed"]
