@@ -53,7 +53,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
 
 def run(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config, parse_opts
-    from .engine.trainer import Trainer, TrainingDiverged
+    from .engine.trainer import DataWorkerDied, Trainer, TrainingDiverged
 
     flags = {"iters": args.iters, "seed": args.seed, "batch_size": args.batch_size, "num_workers": args.num_workers}
     try:
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--resume and --overwrite exclude each other")
         result = Trainer(cfg, save_dir, resume=args.resume, data_root=args.data_root,
                          progress=not args.no_progress, overwrite=args.overwrite).train()
-    except TrainingDiverged as e:  # the job's own failure
+    except (TrainingDiverged, DataWorkerDied) as e:  # the job's own failure
         print(f"segtwin train: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except (ConfigError, OSError, ValueError, KeyError) as e:  # bad input: config, data, weights, run dir

@@ -115,6 +115,45 @@ def test_bad_training_sample_ends_the_run_with_exit_2(tmp_path, kind, how, worke
     assert not [p for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]
 
 
+@pytest.mark.parametrize("death", ["sigkill", "exit"])
+def test_a_dying_data_worker_ends_the_run_instead_of_a_hang(death):
+    """A data-loading worker that dies while reading a batch (SIGKILL, or a native crash that ends the process --
+    seen once as a glibc heap assertion) must end the read with DataWorkerDied, the training CLI's exit status 1.
+    multiprocessing.Pool replaced such a worker and waited for its batch forever. In a subprocess with a timeout."""
+    code = f"""
+import os, signal, sys
+import numpy as np
+from paddle_impl.engine.trainer import BatchReader, DataWorkerDied
+
+class Samples:
+    def __getitem__(self, k):
+        if k == 5:  # only ever read in a worker
+            os.kill(os.getpid(), signal.SIGKILL) if {death!r} == "sigkill" else os._exit(3)
+        return np.full(2, k, np.float32), np.full(2, k, np.int64)
+
+reader = BatchReader(Samples(), 2)
+got = []
+try:
+    for images, labels in reader([[0, 1], [2, 3], [4, 5], [6, 7]]):
+        got.append(int(images[0, 0]))
+    print("NO ERROR", got)
+except DataWorkerDied as e:
+    print("DIED", got, e)
+finally:
+    reader.close()
+"""
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                       capture_output=True, text=True, timeout=EXIT_WITHIN)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # (Paddle's signal handler prints a line when close() terminates the surviving worker)
+    out = [ln for ln in r.stdout.splitlines() if ln.startswith(("DIED", "NO ERROR"))]
+    # the batches before the dead one came through in order; the error names the batch the worker held
+    assert len(out) == 1 and out[0].startswith("DIED [0, 2]"), r.stdout[-2000:]
+    assert "worker process ended abruptly" in out[0] and "[4, 5]" in out[0], out
+    assert time.time() - t0 < EXIT_WITHIN
+
+
 def test_bad_validation_sample_is_an_error_after_the_checkpoint(tmp_path):
     root = tmp_path / "cs"
     write_cityscapes(root, n=4, size=(48, 64))

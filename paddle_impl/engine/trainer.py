@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import collections
 import math
 import multiprocessing
 import os
@@ -44,6 +45,8 @@ import random
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -58,8 +61,8 @@ from .curves import CURVES_FILE, SCALARS_FILE, ScalarLog, plot_curves
 from ..syncbn import convert_sync_batchnorm
 from ..metrics import confusion_matrix, metrics_from_confusion
 
-__all__ = ["Trainer", "TrainingDiverged", "DataError", "RunDirError", "ResumableBatchSampler", "SeededSamples",
-           "evaluate_miou", "find_checkpoint", "load_checkpoint_state", "DUMP_ENV"]
+__all__ = ["Trainer", "TrainingDiverged", "DataError", "DataWorkerDied", "RunDirError", "ResumableBatchSampler",
+           "SeededSamples", "evaluate_miou", "find_checkpoint", "load_checkpoint_state", "DUMP_ENV"]
 
 #: when set to a directory, every rank writes ``rank{r}.npz`` (trainable parameters) there at the end of training
 DUMP_ENV = "SEGTWIN_DUMP_RANK_PARAMS"
@@ -74,6 +77,11 @@ class TrainingDiverged(RuntimeError):
 class DataError(ValueError):
     """A training or validation sample cannot be used (unreadable, truncated, sizes differ, label values outside the
     dataset's set); the one-line message names the file (exit status 2: bad input)."""
+
+
+class DataWorkerDied(RuntimeError):
+    """A data-loading worker process ended abruptly (killed, or crashed in native code) while reading a batch: the
+    run stops with this message instead of waiting forever for the batch (exit status 1: the job's own failure)."""
 
 
 class RunDirError(ValueError):
@@ -140,7 +148,9 @@ def _sample_error(dataset, i: int, e: BaseException) -> str:
 # The batches of a training run: read in this process (num_workers 0) or by a pool of forked worker processes that
 # each return whole batches in order. An exception while reading comes back as the exception itself, so the run ends
 # at once with its message; Paddle's DataLoader, whose reader THREAD dies silently on an exception, left the main
-# loop waiting forever on its queue (num_workers 0).
+# loop waiting forever on its queue (num_workers 0). A worker process that dies (SIGKILL, a crash in native code)
+# ends the run with DataWorkerDied: the executor notices the death, where multiprocessing.Pool silently replaced
+# the worker and waited forever for the batch it held. At most 2 x num_workers batches are read ahead.
 _WORKER_SAMPLES = None
 
 
@@ -177,14 +187,47 @@ class BatchReader:
                 yield _read_batch(self.samples, keys)
             return
         if self._pool is None:
-            ctx = multiprocessing.get_context("fork")
-            self._pool = ctx.Pool(self.num_workers, initializer=_init_worker, initargs=(self.samples,))
-        yield from self._pool.imap(_worker_batch, key_batches, chunksize=1)
+            self._pool = ProcessPoolExecutor(self.num_workers, mp_context=multiprocessing.get_context("fork"),
+                                             initializer=_init_worker, initargs=(self.samples,))
+        pending = collections.deque()
+        try:
+            for keys in key_batches:
+                pending.append((keys, self._submit(keys)))
+                if len(pending) >= 2 * self.num_workers:
+                    yield self._result(*pending.popleft())
+            while pending:
+                yield self._result(*pending.popleft())
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+    def _submit(self, keys):
+        try:
+            return self._pool.submit(_worker_batch, keys)
+        except BrokenProcessPool as e:
+            raise self._died(keys) from e
+
+    def _result(self, keys, future):
+        try:
+            return future.result()
+        except BrokenProcessPool as e:
+            raise self._died(keys) from e
+
+    def _died(self, keys) -> DataWorkerDied:
+        return DataWorkerDied(f"a data-loading worker process ended abruptly (killed, or crashed in native code) "
+                              f"while reading the batch of sample keys {list(keys)}; with num_workers 0 the same "
+                              f"samples are read in the training process")
 
     def close(self) -> None:
+        """Stop the workers now: batches still being read are dropped (terminate, as multiprocessing.Pool did; the
+        executor's own shutdown would wait for a worker stuck in a read)."""
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            workers = list((getattr(self._pool, "_processes", None) or {}).values())
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            for w in workers:
+                w.terminate()
+            for w in workers:
+                w.join(timeout=10)
             self._pool = None
 
 
