@@ -106,6 +106,7 @@ def test_official_key_names_and_shapes(psa):
     assert tm.stage3[0].fuse_layers[1][1] is None and pm.stage3[0].fuse_layers[1][1] is None
 
 
+@pytest.mark.slow  # the same two W48 builds per variant (5-8 s each)
 @pytest.mark.parametrize("psa", VARIANTS)
 def test_paddle_twin_has_the_same_keys_modulo_bn_renames(psa):
     tm, pm, _ = _pair(psa)
