@@ -254,6 +254,7 @@ print(json.dumps(hwm_mib() - before))
 """
 
 
+@pytest.mark.slow  # a fresh process per framework (4-5 s)
 @pytest.mark.parametrize("fw", ["torch", "paddle"])
 def test_inference_peak_memory_stays_below_one_map(fw):
     """64x64 = 4096 positions: one (HW x HW) float32 map is 64 MiB. The reference's no_grad forward grows the peak

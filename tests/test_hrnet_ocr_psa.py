@@ -76,6 +76,7 @@ def test_config_errors():
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
+@pytest.mark.slow  # saves and reads a W48 checkpoint (~5.5 s)
 def test_nvidia_checkpoint_with_numpy_scalars_is_read_and_infers_psa_and_mscale(tmp_path, torch_p):
     src = save_official("hrnet_ocr_psa", torch_p, tmp_path / "best_checkpoint_ep100.pth")
     obj_keys = torch.serialization.get_unsafe_globals_in_checkpoint(src)

@@ -203,6 +203,7 @@ def test_distributed_two_processes(tmp_path, data):
 # ----------------------------------------------------------------------------------------------------------------------
 # NaN guard
 
+@pytest.mark.slow  # a PSPNet training run (~5 s)
 def test_nan_guard_names_iteration_and_term(tmp_path, data, monkeypatch):
     cfg = load_config(tiny_config(tmp_path / "tiny.yml", "Cityscapes", data / "cs", iters=3))
     import paddle_impl.losses as plosses
